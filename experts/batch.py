@@ -1,0 +1,98 @@
+"""What one forward computes: a ragged batch of sequence chunks.
+
+Legend: B sequences, T = sum of chunk lengths (flat tokens), Q the longest
+chunk, L the longest context after the chunk (start + chunk length).
+
+A chunk appends q_len tokens to a sequence whose first `start` tokens are
+already in its cache slot: q_len = prompt length for a prefill, 1 for a
+decode, k+1 for a verification. The caller owns sequence lengths; rolling
+back rejected tokens is just passing a smaller `start` next time, because the
+mask only lets a query see positions < start + q_len of its own slot.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Chunk:
+    slot: int            # cache slot of the sequence
+    start: int           # tokens of the sequence already cached (position of the first new token)
+    tokens: list[int]    # the new tokens
+
+
+@dataclass
+class BatchMeta:
+    """Index tensors for one forward, built once and shared by all layers."""
+    num_seqs: int
+    q_max: int
+    ctx_max: int
+    positions: torch.Tensor          # (T,) absolute position of every flat token
+    write_index: torch.Tensor        # (T,) slot * capacity + position, into a flattened cache layer
+    pad_index: torch.Tensor | None   # (T,) row of each flat token in the padded (B*Q) layout; None if uniform
+    slots: torch.Tensor | None       # (B,) cache slots; None if they are the contiguous range slot0..slot0+B
+    slot0: int
+    mask: torch.Tensor | None        # (B, 1, Q, L) bool, True = may attend; None when every key is visible
+    last_index: torch.Tensor         # (B,) flat index of each chunk's last token
+    q_lens: tuple[int, ...]
+
+    @staticmethod
+    def build(chunks: list[Chunk], capacity: int, device: torch.device, sliding_window: int = 0) -> "BatchMeta":
+        if not chunks:
+            raise ValueError("a forward needs at least one chunk")
+        q_lens = [len(c.tokens) for c in chunks]
+        if min(q_lens) == 0:
+            raise ValueError("every chunk needs at least one token")
+        B, Q = len(chunks), max(q_lens)
+        ends = [c.start + n for c, n in zip(chunks, q_lens)]
+        L = max(ends)
+        if L > capacity:
+            raise ValueError(f"sequence of {L} tokens exceeds the cache capacity of {capacity} per slot")
+        positions, write, pad = [], [], []
+        for b, (c, n) in enumerate(zip(chunks, q_lens)):
+            positions.extend(range(c.start, c.start + n))
+            write.extend(range(c.slot * capacity + c.start, c.slot * capacity + c.start + n))
+            pad.extend(range(b * Q, b * Q + n))
+        uniform = all(n == Q for n in q_lens)
+        slot_list = [c.slot for c in chunks]
+        contiguous = slot_list == list(range(slot_list[0], slot_list[0] + B))
+        # Query i of chunk b sits at position start_b + i and may see keys j <= start_b + i
+        # (and j > start_b + i - window with a sliding window).
+        needs_mask = not (all(e == L for e in ends) and Q == 1) or sliding_window
+        mask = None
+        if needs_mask:
+            starts = torch.tensor([c.start for c in chunks], device=device)
+            qpos = starts[:, None] + torch.arange(Q, device=device)[None, :]          # (B, Q)
+            kpos = torch.arange(L, device=device)
+            mask = kpos[None, None, :] <= qpos[:, :, None]                            # (B, Q, L)
+            if sliding_window:
+                mask &= kpos[None, None, :] > qpos[:, :, None] - sliding_window
+            mask = mask[:, None]
+        last = torch.tensor(q_lens, device=device).cumsum(0) - 1
+        return BatchMeta(
+            num_seqs=B, q_max=Q, ctx_max=L,
+            positions=torch.tensor(positions, device=device),
+            write_index=torch.tensor(write, device=device),
+            pad_index=None if uniform else torch.tensor(pad, device=device),
+            slots=None if contiguous else torch.tensor(slot_list, device=device),
+            slot0=slot_list[0], mask=mask, last_index=last, q_lens=tuple(q_lens))
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, ...) -> (B, Q, ...), zeros in the padding."""
+        if self.pad_index is None:
+            return x.view(self.num_seqs, self.q_max, *x.shape[1:])
+        out = x.new_zeros(self.num_seqs * self.q_max, *x.shape[1:])
+        out.index_copy_(0, self.pad_index, x)
+        return out.view(self.num_seqs, self.q_max, *x.shape[1:])
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, Q, ...) -> (T, ...)."""
+        flat = x.reshape(self.num_seqs * self.q_max, *x.shape[2:])
+        return flat if self.pad_index is None else flat.index_select(0, self.pad_index)
+
+    def gather_context(self, layer_cache: torch.Tensor) -> torch.Tensor:
+        """(S, capacity, ...) cache of one layer -> (B, L, ...) rows of this batch's slots."""
+        if self.slots is None:
+            return layer_cache[self.slot0:self.slot0 + self.num_seqs, :self.ctx_max]
+        return layer_cache[:, :self.ctx_max].index_select(0, self.slots)

@@ -1,0 +1,162 @@
+"""The shared decoder layers: GQA attention, MLA attention, dense MLP and the
+MoE block. Parameters are plain tensors named as in the family weight specs;
+families differ only in config, never by branches in here beyond what the
+config switches on (biases, q/k norm, shared expert).
+
+Legend: T flat tokens, B sequences, Q padded chunk length, L context, D hidden,
+H query heads, G KV heads, d head dim, E experts, K experts per token,
+F expert FFN width, C MLA latent, r MLA rotary dims, n MLA non-rotary dims.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import routing
+from ..kernels.attention import attend, mla_attend
+from ..kernels.moe import grouped_swiglu, swiglu
+from ..kernels.norms import rms_norm
+from ..kernels.rotary import apply_rope, apply_rope_interleaved
+from .batch import BatchMeta
+from .config import ModelConfig
+from .dispatch import Dispatcher
+from .stats import RoutingStats
+
+
+def _param(*shape, dtype, device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over the slot cache, with optional q/k/v/o biases,
+    q/k RMSNorm (per head or over the projection) and clip_qkv."""
+
+    def __init__(self, c: ModelConfig, dtype, device):
+        super().__init__()
+        H, G, d, D = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
+        self.H, self.G, self.d, self.eps = H, G, d, c.rms_norm_eps
+        self.scale = d ** -0.5
+        self.clip = c.clip_qkv
+        self.qk_norm = c.qk_norm
+        self.rope = apply_rope_interleaved if c.rope.interleaved else apply_rope
+        self.qkv = _param((H + 2 * G) * d, D, dtype=dtype, device=device)
+        self.qkv_bias = _param((H + 2 * G) * d, dtype=dtype, device=device) if c.qkv_bias else None
+        self.o = _param(D, H * d, dtype=dtype, device=device)
+        self.o_bias = _param(D, dtype=dtype, device=device) if c.o_bias else None
+        if c.qk_norm != "none":
+            n = d if c.qk_norm == "head" else None
+            self.q_norm = _param(n or H * d, dtype=dtype, device=device)
+            self.k_norm = _param(n or G * d, dtype=dtype, device=device)
+
+    def forward(self, x, meta: BatchMeta, cos, sin, cache: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        T = x.shape[0]
+        H, G, d = self.H, self.G, self.d
+        q, k, v = F.linear(x, self.qkv, self.qkv_bias).split((H * d, G * d, G * d), dim=-1)
+        if self.qk_norm == "full":
+            q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
+        q, k, v = q.reshape(T, H, d), k.reshape(T, G, d), v.reshape(T, G, d)
+        if self.qk_norm == "head":
+            q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
+        if self.clip:
+            q, k, v = q.clamp(-self.clip, self.clip), k.clamp(-self.clip, self.clip), v.clamp(-self.clip, self.clip)
+        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
+        k_cache, v_cache = cache
+        k_cache.view(-1, G, d).index_copy_(0, meta.write_index, k)
+        v_cache.view(-1, G, d).index_copy_(0, meta.write_index, v)
+        out = attend(meta.pad(q), meta.gather_context(k_cache), meta.gather_context(v_cache), meta.mask, self.scale)
+        return F.linear(meta.unpad(out).reshape(T, H * d), self.o, self.o_bias)
+
+
+class MLAttention(nn.Module):
+    """DeepSeek multi-head latent attention; the cache keeps only the normed
+    latent and the rotated shared key per position."""
+
+    def __init__(self, c: ModelConfig, dtype, device, softmax_scale: float):
+        super().__init__()
+        a, H, D = c.mla, c.num_heads, c.hidden_size
+        self.a, self.H, self.eps, self.scale = a, H, c.rms_norm_eps, softmax_scale
+        self.rope = apply_rope_interleaved if c.rope.interleaved else apply_rope
+        qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+        if a.q_lora_rank:
+            self.q_a = _param(a.q_lora_rank, D, dtype=dtype, device=device)
+            self.q_a_norm = _param(a.q_lora_rank, dtype=dtype, device=device)
+            self.q_b = _param(H * qk, a.q_lora_rank, dtype=dtype, device=device)
+        else:
+            self.q = _param(H * qk, D, dtype=dtype, device=device)
+        self.kv_a = _param(a.kv_lora_rank + a.qk_rope_head_dim, D, dtype=dtype, device=device)
+        self.kv_a_norm = _param(a.kv_lora_rank, dtype=dtype, device=device)
+        self.kv_b = _param(H * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank, dtype=dtype, device=device)
+        self.o = _param(D, H * a.v_head_dim, dtype=dtype, device=device)
+
+    def forward(self, x, meta: BatchMeta, cos, sin, cache: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        a, H, T = self.a, self.H, x.shape[0]
+        n, r, C = a.qk_nope_head_dim, a.qk_rope_head_dim, a.kv_lora_rank
+        if a.q_lora_rank:
+            q = F.linear(rms_norm(F.linear(x, self.q_a), self.q_a_norm, self.eps), self.q_b)
+        else:
+            q = F.linear(x, self.q)
+        q_nope, q_rot = q.view(T, H, n + r).split((n, r), dim=-1)
+        latent, k_rot = F.linear(x, self.kv_a).split((C, r), dim=-1)
+        row = torch.cat((rms_norm(latent, self.kv_a_norm, self.eps),
+                         self.rope(k_rot.view(T, 1, r), cos, sin).view(T, r)), dim=-1)   # (T, C + r)
+        (latent_cache,) = cache
+        latent_cache.view(-1, C + r).index_copy_(0, meta.write_index, row)
+        w = self.kv_b.view(H, n + a.v_head_dim, C)
+        out = mla_attend(meta.pad(q_nope), meta.pad(self.rope(q_rot, cos, sin)),
+                         meta.gather_context(latent_cache), w[:, :n], w[:, n:], meta.mask, self.scale)
+        return F.linear(meta.unpad(out).reshape(T, H * a.v_head_dim), self.o)
+
+
+class MLP(nn.Module):
+    """Dense gated MLP (SwiGLU)."""
+
+    def __init__(self, D: int, F_: int, dtype, device):
+        super().__init__()
+        self.gate_up = _param(2 * F_, D, dtype=dtype, device=device)
+        self.down = _param(D, F_, dtype=dtype, device=device)
+
+    def forward(self, x):
+        return swiglu(x, self.gate_up, self.down)
+
+
+class MoE(nn.Module):
+    """route -> dispatch -> grouped expert compute -> combine, plus shared experts.
+
+    Every routed row is computed (no capacity factor); routing statistics go
+    into `stats` as device tensors, with no host sync here.
+    """
+
+    def __init__(self, c: ModelConfig, layer: int, dispatcher: Dispatcher, stats: RoutingStats, dtype, device):
+        super().__init__()
+        m, D = c.moe, c.hidden_size
+        self.m, self.layer, self.dispatcher, self.stats = m, layer, dispatcher, stats
+        E = m.num_experts
+        self.router = _param(E, D, dtype=dtype, device=device)
+        if m.scoring == "sigmoid":
+            self.router_bias = _param(E, dtype=torch.float32, device=device)
+            self.route = lambda logits: routing.sigmoid_grouped_topk(
+                logits, m.top_k, self.router_bias, m.n_group, m.topk_group, m.renormalize, m.routed_scale)
+        else:
+            self.route = lambda logits: routing.softmax_topk(logits, m.top_k, m.renormalize)
+        self.experts_gate_up = _param(E, 2 * m.expert_ffn, D, dtype=dtype, device=device)
+        self.experts_down = _param(E, D, m.expert_ffn, dtype=dtype, device=device)
+        if m.shared_ffn:
+            self.shared_gate_up = _param(2 * m.shared_ffn, D, dtype=dtype, device=device)
+            self.shared_down = _param(D, m.shared_ffn, dtype=dtype, device=device)
+            if m.shared_gate:
+                self.shared_gate = _param(1, D, dtype=dtype, device=device)
+
+    def forward(self, x):
+        # Sigmoid routers score in float32 (DeepSeek keeps the gate in fp32).
+        logits = F.linear(x.float(), self.router.float()) if self.m.scoring == "sigmoid" else F.linear(x, self.router)
+        weights, ids = self.route(logits)                         # (T, K) float32, (T, K)
+        d = self.dispatcher.dispatch(x, ids)
+        self.stats.record(self.layer, d.counts)
+        y = grouped_swiglu(d.rows, d.counts.tolist(), self.experts_gate_up, self.experts_down)
+        out = self.dispatcher.combine(y, weights, d, x.shape[0])
+        if self.m.shared_ffn:
+            shared = swiglu(x, self.shared_gate_up, self.shared_down)
+            if self.m.shared_gate:
+                shared = torch.sigmoid(F.linear(x, self.shared_gate)) * shared
+            out = out + shared
+        return out

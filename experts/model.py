@@ -1,0 +1,110 @@
+"""The decoder-only causal LM every family loads into.
+
+Legend: T flat tokens of a ragged batch (see batch.py), D hidden, V vocab.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import rotary
+from ..kernels.norms import rms_norm
+from .batch import BatchMeta
+from .cache import KVCache
+from .config import ModelConfig
+from .dispatch import Dispatcher, LocalDispatcher
+from .layers import MLP, Attention, MLAttention, MoE, _param
+from .stats import RoutingStats
+
+
+def rope_tables(c: ModelConfig, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, R/2) float32 cos and sin for the config's rotary scaling."""
+    r, dim = c.rope, c.rotary_dim
+    scale = 1.0
+    if r.kind == "default":
+        inv = rotary.inv_freq_default(r.theta, dim)
+    elif r.kind == "linear":
+        inv = rotary.inv_freq_default(r.theta, dim) / r.factor
+    elif r.kind == "llama3":
+        inv = rotary.inv_freq_llama3(r.theta, dim, r.factor, r.low_freq_factor, r.high_freq_factor,
+                                     r.original_max_position)
+    else:  # yarn
+        inv, scale = rotary.inv_freq_yarn(r.theta, dim, r.factor, r.original_max_position, r.beta_fast,
+                                          r.beta_slow, r.mscale or None, r.mscale_all_dim or None,
+                                          r.attention_factor or None, r.truncate)
+    return rotary.cos_sin_table(inv, positions, scale)
+
+
+def mla_softmax_scale(c: ModelConfig) -> float:
+    """qk_head_dim^-1/2, times mscale(factor, mscale_all_dim)^2 under YaRN (DeepSeek)."""
+    scale = (c.mla.qk_nope_head_dim + c.mla.qk_rope_head_dim) ** -0.5
+    if c.rope.kind != "default" and c.rope.mscale_all_dim and c.rope.factor > 1:
+        m = 0.1 * c.rope.mscale_all_dim * math.log(c.rope.factor) + 1.0
+        scale *= m * m
+    return scale
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig, i: int, dispatcher: Dispatcher, stats: RoutingStats, dtype, device):
+        super().__init__()
+        self.eps = c.rms_norm_eps
+        self.input_norm = _param(c.hidden_size, dtype=dtype, device=device)
+        self.post_norm = _param(c.hidden_size, dtype=dtype, device=device)
+        self.attn = (MLAttention(c, dtype, device, mla_softmax_scale(c)) if c.mla is not None
+                     else Attention(c, dtype, device))
+        if c.is_moe_layer(i):
+            self.moe = MoE(c, i, dispatcher, stats, dtype, device)
+            self.ffn = self.moe
+        else:
+            self.mlp = MLP(c.hidden_size, c.intermediate_size, dtype, device)
+            self.ffn = self.mlp
+
+    def forward(self, x, meta, cos, sin, cache):
+        x = x + self.attn(rms_norm(x, self.input_norm, self.eps), meta, cos, sin, cache)
+        return x + self.ffn(rms_norm(x, self.post_norm, self.eps))
+
+
+class CausalLM(nn.Module):
+    """Embedding, decoder layers, final norm and LM head; `forward` runs one
+    ragged batch over the KV cache and returns hidden states (T, D)."""
+
+    def __init__(self, c: ModelConfig, dtype=torch.float32, device="cpu", max_positions: int = 4096,
+                 dispatcher: Dispatcher | None = None):
+        super().__init__()
+        self.config, self.dtype, self.device = c, dtype, torch.device(device)
+        E = c.moe.num_experts if c.moe else 0
+        self.routing_stats = RoutingStats(c.num_layers, E, device)
+        dispatcher = dispatcher or LocalDispatcher(E)
+        self.embed = _param(c.vocab_size, c.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(DecoderLayer(c, i, dispatcher, self.routing_stats, dtype, device)
+                                    for i in range(c.num_layers))
+        self.norm = _param(c.hidden_size, dtype=dtype, device=device)
+        self.lm_head = self.embed if c.tie_word_embeddings else _param(c.vocab_size, c.hidden_size,
+                                                                       dtype=dtype, device=device)
+        cos, sin = rope_tables(c, max_positions)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+
+    @property
+    def max_positions(self) -> int:
+        return self.rope_cos.shape[0]
+
+    def named_weights(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> tensor, the names family weight specs use."""
+        return dict(self.named_parameters())
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, meta: BatchMeta, cache: KVCache) -> torch.Tensor:
+        """input_ids (T,) -> hidden (T, D) after the final norm."""
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.rope_cos[meta.positions], self.rope_sin[meta.positions]
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x = layer(x, meta, cos, sin, layer_cache)
+        return rms_norm(x, self.norm, self.config.rms_norm_eps)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (T, D) -> logits (T, V) in float32."""
+        return F.linear(hidden, self.lm_head).float()

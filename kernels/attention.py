@@ -1,0 +1,51 @@
+"""Attention of padded query blocks over a KV cache.
+
+Legend: B sequences, Q padded query length, L key length (the longest
+context in the batch), H query heads, G KV heads, d head dim, C MLA latent
+dim, r MLA rotary dim.
+
+Masks are boolean, True where a query may attend; they are built once per
+forward by the caller (experts.batch) and shared by all layers.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           scale: float) -> torch.Tensor:
+    """q (B, Q, H, d), k (B, L, G, d), v (B, L, G, dv), mask (B, 1, Q, L) -> (B, Q, H, dv)."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
+def attend_reference(q, k, v, mask, scale):
+    """Plain softmax attention in float32: the reference for `attend` and `mla_attend`."""
+    rep = q.shape[2] // k.shape[2]
+    k = k.repeat_interleave(rep, dim=2).float()
+    v = v.repeat_interleave(rep, dim=2).float()
+    s = torch.einsum("bqhd,blhd->bhql", q.float(), k) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = s.softmax(-1)
+    return torch.einsum("bhql,blhd->bqhd", p, v).to(q.dtype)
+
+
+def mla_attend(q_nope: torch.Tensor, q_rot: torch.Tensor, latent_cache: torch.Tensor,
+               w_uk: torch.Tensor, w_uv: torch.Tensor, mask: torch.Tensor | None,
+               scale: float) -> torch.Tensor:
+    """Multi-head latent attention on the compressed cache, with the key and
+    value up-projections absorbed into the query and the output (DeepSeek-V2).
+
+    q_nope (B, Q, H, n), q_rot (B, Q, H, r), latent_cache (B, L, C + r) holding
+    [normed latent | rotated shared key], w_uk (H, n, C), w_uv (H, dv, C)
+    -> (B, Q, H, dv). Keys are never decompressed: one latent row serves every head.
+    """
+    C = w_uk.shape[-1]
+    q_lat = torch.einsum("bqhn,hnc->bqhc", q_nope, w_uk)
+    q = torch.cat((q_lat, q_rot), dim=-1)                 # (B, Q, H, C + r)
+    kv = latent_cache.unsqueeze(2)                        # (B, L, 1, C + r)
+    o_lat = attend(q, kv, kv[..., :C], mask, scale)       # (B, Q, H, C)
+    return torch.einsum("bqhc,hvc->bqhv", o_lat, w_uv)

@@ -1,0 +1,57 @@
+"""Token permutation and grouped expert FFN.
+
+Legend: T tokens, K experts per token, N = T*K routed rows, E experts (local),
+D hidden, F expert FFN width.
+
+The fast path sorts the N (token, expert) rows by expert and runs one pair of
+GEMMs per active expert, so each active expert's weights are read once per
+forward; no capacity factor, no dropped rows.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def sort_by_expert(ids: torch.Tensor, num_experts: int):
+    """ids (T, K) -> order (N,) row indices into the flattened (T*K) pairs sorted
+    by expert (stable), counts (E,) rows per expert."""
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    return order, counts
+
+
+def grouped_swiglu(x: torch.Tensor, counts: list[int], w_gate_up: torch.Tensor,
+                   w_down: torch.Tensor, expert_ids: list[int] | None = None) -> torch.Tensor:
+    """x (N, D) rows already grouped by expert with `counts` rows each ->
+    (N, D). w_gate_up (E, 2F, D), w_down (E, D, F). Expert j of the groups is
+    expert_ids[j] (default: j)."""
+    out = torch.empty_like(x)
+    start = 0
+    for j, n in enumerate(counts):
+        if n == 0:
+            continue
+        e = expert_ids[j] if expert_ids is not None else j
+        h = F.linear(x[start:start + n], w_gate_up[e])
+        g, u = h.chunk(2, dim=-1)
+        out[start:start + n] = F.linear(F.silu(g) * u, w_down[e])
+        start += n
+    return out
+
+
+def swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """Dense gated MLP: x (T, D), w_gate_up (2F, D), w_down (D, F)."""
+    g, u = F.linear(x, w_gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(g) * u, w_down)
+
+
+def moe_reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                  w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """Token-by-token reference: sum_k weights[t,k] * expert_{ids[t,k]}(x[t])."""
+    out = torch.zeros_like(x, dtype=torch.float32)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            y = swiglu(x[t:t + 1], w_gate_up[e], w_down[e])
+            out[t] += weights[t, j].float() * y[0].float()
+    return out.to(x.dtype)
