@@ -132,12 +132,13 @@ class MoE(nn.Module):
         self.m, self.layer, self.dispatcher, self.stats = m, layer, dispatcher, stats
         E = m.num_experts
         self.router = _param(E, D, dtype=dtype, device=device)
-        if m.scoring == "sigmoid":
+        if m.scoring == "sigmoid":  # DeepSeek scores in float32 whatever the model dtype
             self.router_bias = _param(E, dtype=torch.float32, device=device)
-            self.route = lambda logits: routing.sigmoid_grouped_topk(
-                logits, m.top_k, self.router_bias, m.n_group, m.topk_group, m.renormalize, m.routed_scale)
+            self.route = lambda x: routing.sigmoid_grouped_topk(
+                F.linear(x.float(), self.router.float()), m.top_k, self.router_bias, m.n_group, m.topk_group,
+                m.renormalize, m.routed_scale)
         else:
-            self.route = lambda logits: routing.softmax_topk(logits, m.top_k, m.renormalize)
+            self.route = lambda x: routing.softmax_topk(F.linear(x, self.router), m.top_k, m.renormalize)
         self.experts_gate_up = _param(E, 2 * m.expert_ffn, D, dtype=dtype, device=device)
         self.experts_down = _param(E, D, m.expert_ffn, dtype=dtype, device=device)
         if m.shared_ffn:
@@ -147,9 +148,7 @@ class MoE(nn.Module):
                 self.shared_gate = _param(1, D, dtype=dtype, device=device)
 
     def forward(self, x):
-        # Sigmoid routers score in float32 (DeepSeek keeps the gate in fp32).
-        logits = F.linear(x.float(), self.router.float()) if self.m.scoring == "sigmoid" else F.linear(x, self.router)
-        weights, ids = self.route(logits)                         # (T, K) float32, (T, K)
+        weights, ids = self.route(x)                              # (T, K) float32, (T, K)
         d = self.dispatcher.dispatch(x, ids)
         self.stats.record(self.layer, d.counts)
         y = grouped_swiglu(d.rows, d.counts.tolist(), self.experts_gate_up, self.experts_down)

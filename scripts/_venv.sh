@@ -5,16 +5,21 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
 extras="${SPECMOE_EXTRAS:-}"
-if [ ! -x "$venv/bin/python" ]; then
+py="$venv/bin/python"
+if [ ! -x "$py" ]; then
+  echo "creating $venv" >&2
   python3 -m venv "$venv"
 fi
-py="$venv/bin/python"
-stamp="$venv/.specmoe-installed"
-want="$(cat "$root/pyproject.toml" "$root/scripts/_venv.sh" | sha256sum | cut -c1-16)$extras"
+stamp="$venv/.specmoe-installed${extras:+-$extras}"
+want="$(cat "$root/pyproject.toml" "$root/scripts/_venv.sh" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  "$py" -m pip install -q --upgrade pip
-  "$py" -m pip install -q "torch==${SPECMOE_TORCH_VERSION:-2.13.0}"
-  "$py" -m pip install -q -e "$root${extras:+[$extras]}"
+  log="$venv/install.log"
+  echo "installing torch ${SPECMOE_TORCH_VERSION:-2.13.0} and specmoe${extras:+[$extras]} into $venv (log: $log)" >&2
+  {
+    "$py" -m pip install --upgrade pip &&
+    "$py" -m pip install "torch==${SPECMOE_TORCH_VERSION:-2.13.0}" &&
+    "$py" -m pip install -e "$root${extras:+[$extras]}"
+  } > "$log" 2>&1 || { tail -n 40 "$log" >&2; echo "install failed; see $log" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

@@ -1,0 +1,124 @@
+"""Kernels against plain references and against transformers' own helpers."""
+
+import math
+
+import pytest
+import torch
+
+from specmoe.kernels import rotary, routing
+from specmoe.kernels.attention import attend, attend_reference, mla_attend
+from specmoe.kernels.moe import grouped_swiglu, moe_reference, sort_by_expert
+from specmoe.kernels.norms import rms_norm, rms_norm_reference
+
+
+def _g(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_rms_norm_matches_reference():
+    x = torch.randn(7, 33, generator=_g())
+    w = torch.randn(33, generator=_g(1))
+    torch.testing.assert_close(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6))
+
+
+@pytest.mark.parametrize("T,E,K", [(1, 8, 2), (5, 32, 2), (40, 16, 4), (3, 4, 4)])
+def test_grouped_experts_match_token_by_token_reference(T, E, K):
+    D, F = 24, 20
+    x = torch.randn(T, D, generator=_g())
+    wgu, wd = torch.randn(E, 2 * F, D, generator=_g(1)) * 0.2, torch.randn(E, D, F, generator=_g(2)) * 0.2
+    weights, ids = routing.softmax_topk(torch.randn(T, E, generator=_g(3)), K, True)
+    order, counts = sort_by_expert(ids, E)
+    assert counts.sum() == T * K and torch.all(ids.reshape(-1)[order].diff() >= 0)
+    rows = x.index_select(0, order // K)
+    y = grouped_swiglu(rows, counts.tolist(), wgu, wd)
+    out = torch.zeros(T, D).index_add_(0, order // K, y * weights.reshape(-1)[order, None])
+    torch.testing.assert_close(out, moe_reference(x, ids, weights, wgu, wd), atol=1e-5, rtol=1e-5)
+
+
+def test_softmax_topk_renormalises_only_when_asked():
+    logits = torch.randn(6, 8, generator=_g())
+    w, ids = routing.softmax_topk(logits, 2, renormalize=False)
+    p = logits.softmax(-1)
+    torch.testing.assert_close(w, p.gather(1, ids))
+    w2, ids2 = routing.softmax_topk(logits, 2, renormalize=True)
+    assert torch.equal(ids, ids2)
+    torch.testing.assert_close(w2.sum(-1), torch.ones(6))
+
+
+def test_group_limited_topk_respects_groups_and_bias():
+    # 8 experts in 4 groups of 2; only topk_group=1 group may be used, chosen by the
+    # biased scores; weights are the unbiased sigmoid scores renormalised and scaled.
+    logits = torch.tensor([[4.0, 3.0, -2.0, -2.0, 0.0, 0.0, -1.0, -1.0]])
+    bias = torch.tensor([0.0, 0.0, 5.0, 5.0, 0.0, 0.0, 0.0, 0.0])
+    w, ids = routing.sigmoid_grouped_topk(logits, 2, bias, n_group=4, topk_group=1, renormalize=True, scale=2.5)
+    assert sorted(ids[0].tolist()) == [2, 3]          # the bias moves selection to group 1
+    s = logits.sigmoid()[0, [2, 3]]
+    torch.testing.assert_close(w[0].sort().values, (s / s.sum() * 2.5).sort().values)
+    w, ids = routing.sigmoid_grouped_topk(logits, 2, torch.zeros(8), 4, 1, False, 1.0)
+    assert sorted(ids[0].tolist()) == [0, 1]
+    torch.testing.assert_close(w[0].sort().values, logits.sigmoid()[0, [0, 1]].sort().values)
+
+
+def test_attend_with_gqa_and_mask_matches_reference():
+    B, Q, L, H, G, d = 3, 4, 9, 8, 2, 16
+    q, k, v = (torch.randn(B, Q, H, d, generator=_g()), torch.randn(B, L, G, d, generator=_g(1)),
+               torch.randn(B, L, G, d, generator=_g(2)))
+    mask = torch.rand(B, 1, Q, L, generator=_g(3)) > 0.3
+    mask[..., 0] = True
+    torch.testing.assert_close(attend(q, k, v, mask, d ** -0.5), attend_reference(q, k, v, mask, d ** -0.5),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_mla_absorbed_equals_decompressed_attention():
+    """The absorbed latent form must equal attention with keys and values
+    decompressed per head, which is how the DeepSeek reference computes it."""
+    B, Q, L, H, n, r, C, dv = 2, 3, 7, 4, 8, 6, 10, 5
+    q_nope, q_rot = torch.randn(B, Q, H, n, generator=_g()), torch.randn(B, Q, H, r, generator=_g(1))
+    cache = torch.randn(B, L, C + r, generator=_g(2))
+    w_uk, w_uv = torch.randn(H, n, C, generator=_g(3)), torch.randn(H, dv, C, generator=_g(4))
+    mask = torch.ones(B, 1, Q, L, dtype=torch.bool).tril(L - Q)
+    latent, k_rot = cache[..., :C], cache[..., C:]
+    k = torch.cat((torch.einsum("blc,hnc->blhn", latent, w_uk), k_rot[:, :, None].expand(B, L, H, r)), -1)
+    v = torch.einsum("blc,hvc->blhv", latent, w_uv)
+    q = torch.cat((q_nope, q_rot), -1)
+    scale = (n + r) ** -0.5
+    torch.testing.assert_close(mla_attend(q_nope, q_rot, cache, w_uk, w_uv, mask, scale),
+                               attend_reference(q, k, v, mask, scale), atol=1e-5, rtol=1e-5)
+
+
+def test_interleaved_rope_preserves_dot_products_of_the_pairwise_rotation():
+    T, H, R = 5, 2, 8
+    x, y = torch.randn(T, H, R, generator=_g()), torch.randn(T, H, R, generator=_g(1))
+    cos, sin = rotary.cos_sin_table(rotary.inv_freq_default(10000.0, R), T)
+    # Reference: rotate each adjacent pair (x_2i, x_2i+1) as a complex number.
+    def ref(z):
+        zc = torch.view_as_complex(z.reshape(T, H, R // 2, 2).contiguous())
+        return torch.view_as_real(zc * torch.polar(torch.ones_like(cos), torch.atan2(sin, cos))[:, None]).reshape(T, H, R)
+    got = (rotary.apply_rope_interleaved(x, cos, sin) * rotary.apply_rope_interleaved(y, cos, sin)).sum(-1)
+    torch.testing.assert_close(got, (ref(x) * ref(y)).sum(-1), atol=1e-5, rtol=1e-5)
+
+
+def _hf_rope(cfg_cls, **kw):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    cfg = cfg_cls(**kw)
+    return ROPE_INIT_FUNCTIONS[cfg.rope_parameters["rope_type"]](cfg, "cpu")
+
+
+def test_yarn_frequencies_match_transformers():
+    from transformers import DeepseekV3Config
+    params = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "mscale": 1.0,
+              "mscale_all_dim": 1.0, "rope_theta": 10000.0, "beta_fast": 32, "beta_slow": 1}
+    inv_ref, att_ref = _hf_rope(DeepseekV3Config, qk_rope_head_dim=64, rope_parameters=dict(params),
+                                max_position_embeddings=163840)
+    inv, att = rotary.inv_freq_yarn(10000.0, 64, 40.0, 4096, 32, 1, 1.0, 1.0)
+    torch.testing.assert_close(inv, inv_ref.float())
+    assert math.isclose(att, att_ref)
+
+
+def test_llama3_frequencies_match_transformers():
+    from transformers import LlamaConfig
+    params = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+    inv_ref, _ = _hf_rope(LlamaConfig, hidden_size=512, num_attention_heads=4, rope_parameters=params)
+    inv = rotary.inv_freq_llama3(500000.0, 128, 8.0, 1.0, 4.0, 8192)
+    torch.testing.assert_close(inv, inv_ref.float())
