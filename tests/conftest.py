@@ -49,6 +49,9 @@ _LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_f
 FAMILIES: list[FamilySpec] = [
     FamilySpec("mixtral", "MixtralConfig", "MixtralForCausalLM",
                dict(_common(), num_local_experts=8, num_experts_per_tok=2, intermediate_size=48), "mixtral", True),
+    FamilySpec("mixtral-sliding_window", "MixtralConfig", "MixtralForCausalLM",
+               dict(_common(), num_local_experts=8, num_experts_per_tok=2, intermediate_size=48, sliding_window=16),
+               "mixtral", True),
     FamilySpec("qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM",
                dict(_common(), num_experts=8, num_experts_per_tok=2, moe_intermediate_size=24,
                     shared_expert_intermediate_size=40, norm_topk_prob=False), "qwen2_moe", True),
@@ -72,7 +75,12 @@ FAMILIES: list[FamilySpec] = [
                dict(_DSV3, rope_parameters=dict(_YARN), max_position_embeddings=256), "deepseek_v3", True),
     FamilySpec("deepseek_v3-full_rank_q", "DeepseekV3Config", "DeepseekV3ForCausalLM",
                dict(_DSV3, q_lora_rank=None), "deepseek_v3", True),
+    FamilySpec("deepseek_v3-no_interleave-no_norm_topk", "DeepseekV3Config", "DeepseekV3ForCausalLM",
+               dict(_DSV3, rope_interleave=False, norm_topk_prob=False), "deepseek_v3", True),
     FamilySpec("llama", "LlamaConfig", "LlamaForCausalLM", dict(_common()), "llama"),
+    FamilySpec("llama-bias-rope_linear", "LlamaConfig", "LlamaForCausalLM",
+               dict(_common(), attention_bias=True, rope_parameters={"rope_type": "linear", "factor": 4.0,
+                                                                     "rope_theta": 10000.0}), "llama"),
     FamilySpec("llama-rope_llama3", "LlamaConfig", "LlamaForCausalLM",
                dict(_common(), rope_parameters=dict(_LLAMA3)), "llama"),
     FamilySpec("qwen2", "Qwen2Config", "Qwen2ForCausalLM", dict(_common()), "qwen2"),
@@ -176,14 +184,25 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="session", params=[f.id for f in FAMILIES])
 def family(request, checkpoints) -> Built:
+    """Every family variant."""
+    return checkpoints(request.param)
+
+
+@pytest.fixture(scope="session", params=[f.id for f in FAMILIES if f.moe])
+def moe_family(request, checkpoints) -> Built:
+    """The MoE family variants only."""
     return checkpoints(request.param)
 
 
 @pytest.fixture
-def engine(family):
-    """A freshly loaded float32 specmoe Engine for `family`."""
+def load_engine():
+    """Load a fresh specmoe Engine (its own KV cache) from a Built checkpoint."""
     from specmoe import Engine
-    return Engine.from_pretrained(family.path, device="cpu", dtype="float32", max_batch=8, max_seq_len=256)
+
+    def load(built: Built, dtype: str = "float32", max_batch: int = 8, max_seq_len: int = 256, path=None):
+        return Engine.from_pretrained(path or built.path, device="cpu", dtype=dtype, max_batch=max_batch,
+                                      max_seq_len=max_seq_len)
+    return load
 
 
 @pytest.fixture
