@@ -14,13 +14,15 @@ from torch import nn
 
 from ..kernels import routing
 from ..kernels.attention import attend, mla_attend
-from ..kernels.moe import grouped_swiglu, swiglu
+from ..kernels.moe import grouped_mm_available, grouped_swiglu, grouped_swiglu_mm, swiglu
 from ..kernels.norms import rms_norm
 from ..kernels.rotary import apply_rope, apply_rope_interleaved
 from .batch import BatchMeta
 from .config import ModelConfig
-from .dispatch import Dispatcher
+from .dispatch import Dispatcher, LocalDispatcher
 from .stats import RoutingStats
+
+FEW_ROWS = 4  # routed (token, expert) rows up to which the host-grouped MoE path runs
 
 
 def _param(*shape, dtype, device) -> nn.Parameter:
@@ -51,15 +53,23 @@ class Attention(nn.Module):
     def forward(self, x, meta: BatchMeta, cos, sin, cache: tuple[torch.Tensor, ...]) -> torch.Tensor:
         T = x.shape[0]
         H, G, d = self.H, self.G, self.d
-        q, k, v = F.linear(x, self.qkv, self.qkv_bias).split((H * d, G * d, G * d), dim=-1)
-        if self.qk_norm == "full":
-            q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
-        q, k, v = q.reshape(T, H, d), k.reshape(T, G, d), v.reshape(T, G, d)
-        if self.qk_norm == "head":
-            q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
-        if self.clip:
-            q, k, v = q.clamp(-self.clip, self.clip), k.clamp(-self.clip, self.clip), v.clamp(-self.clip, self.clip)
-        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
+        qkv = F.linear(x, self.qkv, self.qkv_bias)                        # (T, (H + 2G) d)
+        if self.qk_norm == "none":
+            # q and k sit side by side in the fused projection: one rotary call for both.
+            if self.clip:
+                qkv = qkv.clamp(-self.clip, self.clip)
+            qk = self.rope(qkv[:, :(H + G) * d].view(T, H + G, d), cos, sin)
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, (H + G) * d:].view(T, G, d)
+        else:
+            q, k, v = qkv.split((H * d, G * d, G * d), dim=-1)
+            if self.qk_norm == "full":
+                q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
+            q, k, v = q.reshape(T, H, d), k.reshape(T, G, d), v.reshape(T, G, d)
+            if self.qk_norm == "head":
+                q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
+            if self.clip:
+                q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+            q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         k_cache, v_cache = cache
         k_cache.view(-1, G, d).index_copy_(0, meta.write_index, k)
         v_cache.view(-1, G, d).index_copy_(0, meta.write_index, v)
@@ -146,13 +156,47 @@ class MoE(nn.Module):
             self.shared_down = _param(D, m.shared_ffn, dtype=dtype, device=device)
             if m.shared_gate:
                 self.shared_gate = _param(1, D, dtype=dtype, device=device)
+        # Backends chosen once: grouped GEMM with device-side offsets where this torch
+        # has it for (device, dtype), else a loop over active experts; and, with all
+        # experts local, a host-grouped path for a handful of routed rows (decode at
+        # batch 1), where sorting and scattering cost more than the two expert GEMMs.
+        if grouped_mm_available(torch.device(device), dtype):
+            self.grouped = lambda rows, counts: grouped_swiglu_mm(rows, counts, self.experts_gate_up,
+                                                                  self.experts_down)
+        else:
+            self.grouped = lambda rows, counts: grouped_swiglu(rows, counts.tolist(), self.experts_gate_up,
+                                                               self.experts_down)
+        self.few_rows = FEW_ROWS if isinstance(dispatcher, LocalDispatcher) else 0
+
+    def _few_rows(self, x, weights, ids):
+        """The same sum as dispatch/compute/combine, grouped on the host: each
+        active expert runs once on its tokens; contributions are added per token
+        in ascending expert order (the order the reference accumulates in)."""
+        E = self.m.num_experts
+        self.stats.record(self.layer, torch.bincount(ids.view(-1), minlength=E))
+        groups: dict[int, list[tuple[int, int]]] = {}
+        for t, row in enumerate(ids.tolist()):
+            for j, e in enumerate(row):
+                groups.setdefault(e, []).append((t, j))
+        acc: list[torch.Tensor | None] = [None] * x.shape[0]
+        for e in sorted(groups):
+            rows = groups[e]
+            toks = [t for t, _ in rows]
+            xe = x[toks[0]:toks[0] + 1] if len(toks) == 1 else x[toks]
+            y = swiglu(xe, self.experts_gate_up[e], self.experts_down[e])
+            for r, (t, j) in enumerate(rows):
+                c = (y[r:r + 1] * weights[t, j]).to(x.dtype)
+                acc[t] = c if acc[t] is None else acc[t] + c
+        return acc[0] if len(acc) == 1 else torch.cat(acc)
 
     def forward(self, x):
         weights, ids = self.route(x)                              # (T, K) float32, (T, K)
-        d = self.dispatcher.dispatch(x, ids)
-        self.stats.record(self.layer, d.counts)
-        y = grouped_swiglu(d.rows, d.counts.tolist(), self.experts_gate_up, self.experts_down)
-        out = self.dispatcher.combine(y, weights, d, x.shape[0])
+        if self.few_rows and ids.numel() <= self.few_rows:
+            out = self._few_rows(x, weights, ids)
+        else:
+            d = self.dispatcher.dispatch(x, ids)
+            self.stats.record(self.layer, d.counts)
+            out = self.dispatcher.combine(self.grouped(d.rows, d.counts), weights, d, x.shape[0])
         if self.m.shared_ffn:
             shared = swiglu(x, self.shared_gate_up, self.shared_down)
             if self.m.shared_gate:

@@ -99,7 +99,9 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, meta: BatchMeta, cache: KVCache) -> torch.Tensor:
         """input_ids (T,) -> hidden (T, D) after the final norm."""
         x = F.embedding(input_ids, self.embed)
-        cos, sin = self.rope_cos[meta.positions], self.rope_sin[meta.positions]
+        # (T, 1, R/2) in the model dtype, broadcast over heads by every layer.
+        cos = self.rope_cos[meta.positions, None].to(self.dtype)
+        sin = self.rope_sin[meta.positions, None].to(self.dtype)
         for layer, layer_cache in zip(self.layers, cache.layers):
             x = layer(x, meta, cos, sin, layer_cache)
         return rms_norm(x, self.norm, self.config.rms_norm_eps)

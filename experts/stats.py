@@ -30,5 +30,5 @@ class RoutingStats:
 
     def snapshot(self) -> RoutingSnapshot:
         """One host transfer for all layers."""
-        host = self.counts.cpu()
+        host = self.counts.to("cpu", copy=True)  # a copy even on CPU: the buffer is reused next forward
         return RoutingSnapshot(tokens_per_expert=host, distinct_experts=(host > 0).sum(dim=1).tolist())

@@ -71,17 +71,16 @@ def cos_sin_table(inv_freq: torch.Tensor, max_positions: int, scale: float = 1.0
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-split pairs (x_i, x_{i+R/2}). x (T, H, R), cos/sin (T, R/2)."""
+    """Half-split pairs (x_i, x_{i+R/2}). x (T, H, R), cos/sin (T, 1, R/2) in x's dtype."""
     half = x.shape[-1] // 2
-    c, s = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Adjacent pairs (x_2i, x_2i+1), as DeepSeek lays out its rotary dims. The
     result is written half-split (evens' rotation first, then odds'): the same
-    permutation on queries and keys leaves every dot product unchanged."""
-    c, s = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    permutation on queries and keys leaves every dot product unchanged.
+    x (T, H, R), cos/sin (T, 1, R/2) in x's dtype."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

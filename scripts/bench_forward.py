@@ -1,6 +1,6 @@
 """Decode-step benchmark: specmoe vs transformers' MixtralForCausalLM vs the memory roofline.
 
-    .venv/bin/python scripts/bench_forward.py [--batches 1,4,16,64] [--steps 32] [--reps 5]
+    .venv/bin/python scripts/bench_forward.py [--batches 1,4,16,64] [--steps 32] [--reps 7]
                                               [--prompt-len 64] [--dtype float32] [--out DIR] [--json PATH]
 
 The "moe-bench" checkpoint (8 layers, hidden 512, 32 experts top-2 of FFN 512,
@@ -17,7 +17,12 @@ sequence, transformers through model(ids, past_key_values=DynamicCache, use_cach
 under torch.inference_mode. Repetitions alternate the two engines (and which
 one goes first); the table reports medians over repetitions, tokens/s =
 B * steps / time. One untimed warm-up repetition per engine comes first; the
-specmoe one records routing statistics (the timed ones do not).
+specmoe one records routing statistics (the timed ones do not). With --feed
+random, every step still computes the argmax, but the next input comes from a
+fixed random token stream shared by both engines: greedy decoding on random
+weights tends to repeat one token, so every step routes to the same experts
+and the weights a repetition touches may stay in the last-level cache; the
+"over all steps" expert count printed per batch shows which case a run is in.
 
 Roofline: the bytes a decode step must read at batch B are the B embedding rows,
 per layer the attention weights (q,k,v,o), the router, the two RMSNorm weights
@@ -64,6 +69,42 @@ def cpu_model() -> str:
 
 def median(xs):
     return statistics.median(xs)
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+class OtherLoad:
+    """CPU time other processes (and the hypervisor, as steal) took while a section ran,
+    in cores: (busy jiffies of the whole machine - this process's CPU time) / wall time."""
+
+    def __init__(self):
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def _read(self):
+        try:
+            f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = f[0] + f[1] + f[2] + f[5] + f[6]          # user nice system irq softirq
+        steal = f[7] if len(f) > 7 else 0
+        t = os.times()
+        return time.perf_counter(), busy / self.tick, steal / self.tick, t.user + t.system
+
+    def start(self):
+        self.t0 = self._read()
+
+    def stop(self) -> tuple[float, float] | None:
+        t1 = self._read()
+        if self.t0 is None or t1 is None:
+            return None
+        wall = t1[0] - self.t0[0]
+        other = (t1[1] - self.t0[1]) - (t1[3] - self.t0[3])
+        return max(other, 0.0) / wall, (t1[2] - self.t0[2]) / wall
 
 
 # ---------------------------------------------------------------- bandwidth
@@ -118,16 +159,19 @@ class SpecmoeDecoder:
         self.first = out.logits.argmax(-1).tolist()
         return out.logits
 
-    def decode(self, steps: int, routing: bool = False):
-        """`steps` greedy decode steps after the prompt; returns (tokens per step, routing snapshots)."""
+    def decode(self, steps: int, feed=None, routing: bool = False):
+        """`steps` decode steps after the prompt, each feeding back its argmax (or, with
+        feed, feed[t + 1]); returns (argmax tokens per step, routing snapshots)."""
         Chunk, run, slots, P = self.Chunk, self.runner.run, self.slots, self.prompt_len
-        toks, seen, snaps = self.first, [], []
+        toks, seen, snaps = self.first if feed is None else feed[0], [], []
         for t in range(steps):
             out = run([Chunk(s, P + t, [tok]) for s, tok in zip(slots, toks)], routing=routing)
             toks = out.logits.argmax(-1).tolist()
             seen.append(toks)
-            if routing:
-                snaps.append(out.routing)
+            if feed is not None and t + 1 < steps:
+                toks = feed[t + 1]
+            if routing:   # copy now: on a CPU model the snapshot's tensor is the live counts buffer
+                snaps.append((list(out.routing.distinct_experts), out.routing.tokens_per_expert.clone()))
         return seen, snaps
 
 
@@ -151,13 +195,15 @@ class HFDecoder:
         return copy.deepcopy(self.cache0)
 
     @torch.inference_mode()
-    def decode(self, steps: int, cache):
+    def decode(self, steps: int, cache, feed=None):
         model, seen = self.model, []
-        ids = torch.tensor(self.first)[:, None]
-        for _ in range(steps):
+        ids = torch.tensor(self.first if feed is None else feed[0])[:, None]
+        for t in range(steps):
             out = model(input_ids=ids, past_key_values=cache, use_cache=True)
             toks = out.logits[:, -1].argmax(-1).tolist()
             seen.append(toks)
+            if feed is not None and t + 1 < steps:
+                toks = feed[t + 1]
             ids = torch.tensor(toks)[:, None]
         return seen
 
@@ -194,11 +240,15 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,4,16,64", help="comma-separated batch sizes (default 1,4,16,64)")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps per repetition (default 32)")
-    ap.add_argument("--reps", type=int, default=5, help="timed repetitions per engine and batch (default 5)")
+    ap.add_argument("--reps", type=int, default=7, help="timed repetitions per engine and batch (default 7)")
     ap.add_argument("--prompt-len", type=int, default=64, help="prefilled prompt tokens per sequence (default 64)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--out", default=None, help="checkpoint cache dir (default: a temporary directory)")
     ap.add_argument("--seed", type=int, default=0, help="weights and prompts seed (default 0)")
+    ap.add_argument("--feed", choices=["argmax", "random"], default="argmax",
+                    help="next decode input: the argmax of the logits (greedy, default) or a fixed random token "
+                         "stream (the same for both engines; routing then varies from step to step the way a "
+                         "trained model's does, while random-weight greedy decoding tends to repeat one token)")
     ap.add_argument("--copy-mib", type=int, default=512, help="size of the bandwidth copy in MiB (default 512)")
     ap.add_argument("--json", default=None, help="also write the results as JSON to this path")
     ap.add_argument("--profile", action="store_true",
@@ -214,6 +264,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    t_run = time.perf_counter()
     torch.manual_seed(args.seed)
     machine = {
         "cpu_model": cpu_model(), "os_cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -222,6 +273,7 @@ def main(argv=None) -> int:
     try:
         import transformers
         machine["transformers"] = transformers.__version__
+        transformers.utils.logging.disable_progress_bar()
     except ImportError:
         print("transformers is needed as the baseline: pip install -e '.[test]'", file=sys.stderr)
         return 2
@@ -232,8 +284,10 @@ def main(argv=None) -> int:
           f"torch.get_num_threads()={machine['torch_threads']}; device cpu")
     print(f"versions: torch {machine['torch']}, transformers {machine['transformers']}, "
           f"python {machine['python']}")
+    machine["loadavg_start"] = loadavg()
+    print(f"load average at start (1/5/15 min): {machine['loadavg_start']}")
     print(f"settings: batches {args.batches}, prompt {args.prompt_len} tokens, {args.steps} decode steps x "
-          f"{args.reps} reps (+1 warm-up), dtype {args.dtype}, seed {args.seed}")
+          f"{args.reps} reps (+1 warm-up), feed {args.feed}, dtype {args.dtype}, seed {args.seed}")
 
     tmp = None
     if args.out:
@@ -259,35 +313,43 @@ def main(argv=None) -> int:
     print()
 
     rows = []
+    load = OtherLoad()
     for B in args.batches:
         bw.measure()
         g = torch.Generator().manual_seed(args.seed * 1000 + B)
         prompts = torch.randint(0, c.vocab_size, (B, args.prompt_len), generator=g).tolist()
+        feed = None
+        if args.feed == "random":
+            feed = torch.randint(0, c.vocab_size, (args.steps, B), generator=g).tolist()
         s_logits = spec.prefill(prompts)
         h_logits = hf.prefill(prompts)
         prefill_diff = (s_logits - h_logits).abs().max().item()
 
         # warm-up (untimed): specmoe records the routing of every step
-        s_toks, snaps = spec.decode(args.steps, routing=True)
-        h_toks = hf.decode(args.steps, hf.fresh_cache())
+        s_toks, snaps = spec.decode(args.steps, feed, routing=True)
+        h_toks = hf.decode(args.steps, hf.fresh_cache(), feed)
         agree = sum(a == b for sa, ha in zip(s_toks, h_toks) for a, b in zip(sa, ha)) / (B * args.steps)
 
         times = {"specmoe": [], "transformers": []}
+        load.start()
         for r in range(args.reps):
             order = ("specmoe", "transformers") if r % 2 == 0 else ("transformers", "specmoe")
             for name in order:
                 if name == "specmoe":
                     t = time.perf_counter()
-                    spec.decode(args.steps)
+                    spec.decode(args.steps, feed)
                     times[name].append((time.perf_counter() - t) / args.steps)
                 else:
                     cache = hf.fresh_cache()
                     t = time.perf_counter()
-                    hf.decode(args.steps, cache)
+                    hf.decode(args.steps, cache, feed)
                     times[name].append((time.perf_counter() - t) / args.steps)
+        other = load.stop()
 
-        distinct = [sum(s.distinct_experts) / c.num_layers for s in snaps]     # per step, mean over layers
+        distinct = [sum(dx) / c.num_layers for dx, _ in snaps]                 # per step, mean over layers
         d_mean = sum(distinct) / len(distinct)
+        # experts any step of the repetition touches: the weight working set a repetition streams
+        d_union = (sum(tpe for _, tpe in snaps) > 0).sum(dim=1).float().mean().item()
         ctx = args.prompt_len + (args.steps + 1) / 2                          # mean context attended
         parts = step_bytes(c, B, d_mean, ctx, elem)
         bandwidth = median(bw.samples)
@@ -298,20 +360,33 @@ def main(argv=None) -> int:
             "specmoe_tok_s": B / s_ms * 1e3, "transformers_tok_s": B / h_ms * 1e3,
             "speedup": h_ms / s_ms, "roofline_ms": roof_ms, "specmoe_roofline_frac": roof_ms / s_ms,
             "transformers_roofline_frac": roof_ms / h_ms,
-            "distinct_experts_per_layer": d_mean,
+            "distinct_experts_per_layer": d_mean, "union_experts_per_layer_over_steps": d_union,
             "expected_distinct_experts_per_layer": expected_distinct(c.moe.num_experts, c.moe.top_k, B),
             "bytes": parts, "bandwidth_at_batch": bandwidth,
             "specmoe_ms_samples": [x * 1e3 for x in times["specmoe"]],
             "transformers_ms_samples": [x * 1e3 for x in times["transformers"]],
             "prefill_logits_max_abs_diff": prefill_diff, "greedy_token_agreement": agree,
+            "other_load_cores": other[0] if other else None, "steal_cores": other[1] if other else None,
         }
         rows.append(row)
         print(f"batch {B:>3}: specmoe {s_ms:7.2f} ms/step [{min(row['specmoe_ms_samples']):.2f}.."
               f"{max(row['specmoe_ms_samples']):.2f}], transformers {h_ms:7.2f} ms/step "
               f"[{min(row['transformers_ms_samples']):.2f}..{max(row['transformers_ms_samples']):.2f}]; "
-              f"distinct experts/layer {d_mean:.2f} (expected {row['expected_distinct_experts_per_layer']:.2f}); "
-              f"prefill logits max|diff| {prefill_diff:.1e}, greedy tokens agree {agree:.0%}", flush=True)
+              f"distinct experts/layer {d_mean:.2f} (expected {row['expected_distinct_experts_per_layer']:.2f}, "
+              f"{d_union:.1f} over all steps); "
+              f"prefill logits max|diff| {prefill_diff:.1e}, argmax tokens agree {agree:.0%}"
+              + (f"; other processes {other[0]:.2f} cores, steal {other[1]:.2f}" if other else ""), flush=True)
 
+    machine["loadavg_end"] = loadavg()
+    noisy = sorted({r["batch"] for r in rows for k in ("specmoe_ms_samples", "transformers_ms_samples")
+                    if max(r[k]) > 1.5 * min(r[k])
+                    or (r["other_load_cores"] or 0) + (r["steal_cores"] or 0) > 0.25})
+    print(f"load average at end: {machine['loadavg_end']}")
+    if noisy:
+        print(f"WARNING: at batch {noisy} other processes took > 0.25 cores during the timed repetitions or the "
+              "repetitions vary by > 1.5x; with torch using every core, any competing process slows both engines "
+              "many-fold: rerun on a quiet machine before quoting these numbers")
+    machine["noisy_batches"] = noisy
     bandwidth = median(bw.samples)
     for row in rows:   # final roofline with the bandwidth median over the whole run
         row["roofline_ms"] = row["bytes"]["total"] / bandwidth * 1e3
@@ -348,7 +423,7 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps({
             "command": [sys.executable] + sys.argv, "machine": machine, "settings": {
                 "batches": args.batches, "steps": args.steps, "reps": args.reps, "prompt_len": args.prompt_len,
-                "dtype": args.dtype, "seed": args.seed, "copy_mib": args.copy_mib},
+                "dtype": args.dtype, "seed": args.seed, "copy_mib": args.copy_mib, "feed": args.feed},
             "model": MOE_BENCH, "transformers_impl": {"attn": hf.attn_impl, "experts": hf.experts_impl},
             "bandwidth_bytes_per_s": bandwidth, "bandwidth_samples": bw.samples,
             "distinct_experts": "measured", "results": rows, "goals_batch1": goals}, indent=2))
@@ -358,17 +433,22 @@ def main(argv=None) -> int:
         B = args.batches[0]
         g = torch.Generator().manual_seed(args.seed * 1000 + B)
         spec.prefill(torch.randint(0, c.vocab_size, (B, args.prompt_len), generator=g).tolist())
-        spec.decode(args.steps)
+        feed = (torch.randint(0, c.vocab_size, (args.steps, B), generator=g).tolist()
+                if args.feed == "random" else None)
+        spec.decode(args.steps, feed)
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            spec.decode(args.steps)
+            spec.decode(args.steps, feed)
+        ka = prof.key_averages()
         print()
-        print(f"torch.profiler, specmoe, batch {B}, {args.steps} decode steps:")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        print(f"torch.profiler, specmoe, batch {B}, {args.steps} decode steps (feed {args.feed}): "
+              f"{sum(e.count for e in ka) / args.steps:.0f} aten op calls per step")
+        print(ka.table(sort_by="self_cpu_time_total", row_limit=25))
 
     del bw
     if tmp is not None:
         tmp.cleanup()
+    print(f"\ntotal wall time {time.perf_counter() - t_run:.0f} s")
     return 0
 
 

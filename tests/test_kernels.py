@@ -7,7 +7,8 @@ import torch
 
 from specmoe.kernels import rotary, routing
 from specmoe.kernels.attention import attend, attend_reference, mla_attend
-from specmoe.kernels.moe import grouped_swiglu, moe_reference, sort_by_expert
+from specmoe.kernels.moe import (grouped_mm_available, grouped_swiglu, grouped_swiglu_mm, moe_reference,
+                                 sort_by_expert)
 from specmoe.kernels.norms import rms_norm, rms_norm_reference
 
 
@@ -30,9 +31,13 @@ def test_grouped_experts_match_token_by_token_reference(T, E, K):
     order, counts = sort_by_expert(ids, E)
     assert counts.sum() == T * K and torch.all(ids.reshape(-1)[order].diff() >= 0)
     rows = x.index_select(0, order // K)
-    y = grouped_swiglu(rows, counts.tolist(), wgu, wd)
-    out = torch.zeros(T, D).index_add_(0, order // K, y * weights.reshape(-1)[order, None])
-    torch.testing.assert_close(out, moe_reference(x, ids, weights, wgu, wd), atol=1e-5, rtol=1e-5)
+    ref = moe_reference(x, ids, weights, wgu, wd)
+    paths = {"loop": grouped_swiglu(rows, counts.tolist(), wgu, wd)}
+    if grouped_mm_available(torch.device("cpu"), torch.float32):
+        paths["grouped_mm"] = grouped_swiglu_mm(rows, counts, wgu, wd)
+    for name, y in paths.items():
+        out = torch.zeros(T, D).index_add_(0, order // K, y * weights.reshape(-1)[order, None])
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 def test_softmax_topk_renormalises_only_when_asked():
@@ -90,11 +95,12 @@ def test_interleaved_rope_preserves_dot_products_of_the_pairwise_rotation():
     T, H, R = 5, 2, 8
     x, y = torch.randn(T, H, R, generator=_g()), torch.randn(T, H, R, generator=_g(1))
     cos, sin = rotary.cos_sin_table(rotary.inv_freq_default(10000.0, R), T)
+    c, s = cos[:, None], sin[:, None]
     # Reference: rotate each adjacent pair (x_2i, x_2i+1) as a complex number.
     def ref(z):
         zc = torch.view_as_complex(z.reshape(T, H, R // 2, 2).contiguous())
         return torch.view_as_real(zc * torch.polar(torch.ones_like(cos), torch.atan2(sin, cos))[:, None]).reshape(T, H, R)
-    got = (rotary.apply_rope_interleaved(x, cos, sin) * rotary.apply_rope_interleaved(y, cos, sin)).sum(-1)
+    got = (rotary.apply_rope_interleaved(x, c, s) * rotary.apply_rope_interleaved(y, c, s)).sum(-1)
     torch.testing.assert_close(got, (ref(x) * ref(y)).sum(-1), atol=1e-5, rtol=1e-5)
 
 
