@@ -12,18 +12,18 @@ from .config import ModelConfig
 
 
 class KVCache:
-    def __init__(self, cfg: ModelConfig, num_slots: int, capacity: int, device, dtype):
+    def __init__(self, cfg: ModelConfig, num_slots: int, capacity: int, device, dtype, num_layers: int | None = None):
         if num_slots <= 0 or capacity <= 0:
             raise ValueError(f"KV cache needs positive slots and capacity, got {num_slots} x {capacity}")
         self.num_slots, self.capacity = num_slots, capacity
         if cfg.mla is not None:
             width = cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
             self.layers = [(torch.zeros(num_slots, capacity, width, device=device, dtype=dtype),)
-                           for _ in range(cfg.num_layers)]
+                           for _ in range(cfg.num_layers if num_layers is None else num_layers)]
         else:
             shape = (num_slots, capacity, cfg.num_kv_heads, cfg.head_dim)
             self.layers = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-                           for _ in range(cfg.num_layers)]
+                           for _ in range(cfg.num_layers if num_layers is None else num_layers)]
         self._free = list(range(num_slots - 1, -1, -1))
 
     def bytes_per_token(self) -> int:

@@ -4,6 +4,7 @@ Legend: T flat tokens of a ragged batch (see batch.py), D hidden, V vocab.
 """
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -96,13 +97,19 @@ class CausalLM(nn.Module):
         return dict(self.named_parameters())
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, meta: BatchMeta, cache: KVCache) -> torch.Tensor:
-        """input_ids (T,) -> hidden (T, D) after the final norm."""
+    def forward(self, input_ids: torch.Tensor, meta: BatchMeta, cache: KVCache,
+                layer_ids: Sequence[int] | None = None) -> torch.Tensor:
+        """input_ids (T,) -> hidden (T, D) after the final norm. With layer_ids,
+        only those layers run (self-speculative drafting) and cache.layers[j]
+        holds the KV of layer layer_ids[j]."""
+        layers = self.layers if layer_ids is None else [self.layers[i] for i in layer_ids]
+        if len(cache.layers) != len(layers):
+            raise ValueError(f"cache has {len(cache.layers)} layers for {len(layers)} model layers")
         x = F.embedding(input_ids, self.embed)
         # (T, 1, R/2) in the model dtype, broadcast over heads by every layer.
         cos = self.rope_cos[meta.positions, None].to(self.dtype)
         sin = self.rope_sin[meta.positions, None].to(self.dtype)
-        for layer, layer_cache in zip(self.layers, cache.layers):
+        for layer, layer_cache in zip(layers, cache.layers):
             x = layer(x, meta, cos, sin, layer_cache)
         return rms_norm(x, self.norm, self.config.rms_norm_eps)
 
