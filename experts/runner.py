@@ -34,9 +34,13 @@ class ModelRunner:
         model, ckpt = load_model(path, device=device, dtype=dtype, max_positions=max_seq_len)
         return cls(model, ckpt, max_seqs, max_seq_len)
 
-    def run(self, chunks: list[Chunk], all_logits: bool = False, routing: bool = False) -> StepOutput:
-        """Append each chunk to its slot and return logits for every new token
-        (all_logits) or for each chunk's last token, in chunk order."""
+    def run(self, chunks: list[Chunk], all_logits: bool = False, routing: bool = False,
+            num_logits: list[int] | None = None, cache: KVCache | None = None,
+            layer_ids: list[int] | None = None) -> StepOutput:
+        """Append each chunk to its slot and return logits, in chunk order: for
+        every new token (all_logits), for the last num_logits[i] tokens of chunk
+        i, or for each chunk's last token. `cache` and `layer_ids` run a subset
+        of the layers over another cache (self-speculative drafting)."""
         for c in chunks:
             if not 0 <= c.slot < self.cache.num_slots:
                 raise ValueError(f"chunk slot {c.slot} outside 0..{self.cache.num_slots - 1}")
@@ -44,10 +48,19 @@ class ModelRunner:
             if bad:
                 raise ValueError(f"token id {bad[0]} outside the vocabulary 0..{self.config.vocab_size - 1}")
         device = self.model.device
-        meta = BatchMeta.build(chunks, self.cache.capacity, device, self.config.sliding_window)
+        cache = cache or self.cache
+        meta = BatchMeta.build(chunks, cache.capacity, device, self.config.sliding_window)
         ids = torch.tensor([t for c in chunks for t in c.tokens], device=device)
-        hidden = self.model(ids, meta, self.cache)
-        if not all_logits:
+        hidden = self.model(ids, meta, cache, layer_ids)
+        if num_logits is not None:
+            rows, end = [], 0
+            for c, n in zip(chunks, num_logits):
+                end += len(c.tokens)
+                if not 1 <= n <= len(c.tokens):
+                    raise ValueError(f"num_logits {n} outside 1..{len(c.tokens)} for a chunk of {len(c.tokens)}")
+                rows.extend(range(end - n, end))
+            hidden = hidden.index_select(0, torch.tensor(rows, device=device))
+        elif not all_logits:
             hidden = hidden.index_select(0, meta.last_index)
         logits = self.model.logits(hidden)
         return StepOutput(logits=logits, routing=self.model.routing_stats.snapshot() if routing else None)

@@ -1,0 +1,46 @@
+"""The Proposer interface every drafter implements.
+
+The engine owns requests; each step it asks its proposer for up to k_i draft
+tokens per request, giving the committed tokens so far (prompt + output; the
+last one is not yet in the target's KV cache). A proposer keeps whatever
+per-request state it needs (a draft model's KV cache, for example) keyed by
+request id, re-syncs it from `tokens` on every call (so rollback and the
+all-accepted case need no callback), and drops it on `release`.
+"""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DraftInput:
+    req_id: int
+    tokens: list[int]                     # committed tokens: prompt + output so far
+    k: int                                # draft tokens wanted, >= 1
+    temperature: float = 0.0              # 0: greedy drafting
+    top_k: int = 0                        # 0: off
+    top_p: float = 1.0                    # 1.0: off
+    generator: torch.Generator | None = None  # the request's generator (sampling drafters draw from it)
+
+
+@dataclass
+class Proposal:
+    tokens: list[int]                     # at most k draft tokens (may be fewer, even none)
+    probs: torch.Tensor | None = None     # (len(tokens), V) float32: the distribution each token was drawn
+                                          # from, after temperature/top-k/top-p; None: a one-hot draft
+
+
+class Proposer(ABC):
+    """Proposes draft tokens for a batch of requests."""
+
+    name: str = "proposer"
+    synthetic: bool = False               # synthetic drafters exist for benchmarks only
+
+    @abstractmethod
+    def propose(self, inputs: list[DraftInput]) -> list[Proposal]:
+        """One Proposal per input, in order."""
+
+    def release(self, req_id: int) -> None:
+        """The request finished or was preempted: drop its state (default: none kept)."""
