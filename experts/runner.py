@@ -41,14 +41,14 @@ class ModelRunner:
         every new token (all_logits), for the last num_logits[i] tokens of chunk
         i, or for each chunk's last token. `cache` and `layer_ids` run a subset
         of the layers over another cache (self-speculative drafting)."""
+        cache = cache or self.cache
         for c in chunks:
-            if not 0 <= c.slot < self.cache.num_slots:
-                raise ValueError(f"chunk slot {c.slot} outside 0..{self.cache.num_slots - 1}")
+            if not 0 <= c.slot < cache.num_slots:
+                raise ValueError(f"chunk slot {c.slot} outside 0..{cache.num_slots - 1}")
             bad = [t for t in c.tokens if not 0 <= t < self.config.vocab_size]
             if bad:
                 raise ValueError(f"token id {bad[0]} outside the vocabulary 0..{self.config.vocab_size - 1}")
         device = self.model.device
-        cache = cache or self.cache
         meta = BatchMeta.build(chunks, cache.capacity, device, self.config.sliding_window)
         ids = torch.tensor([t for c in chunks for t in c.tokens], device=device)
         hidden = self.model(ids, meta, cache, layer_ids)
