@@ -1,5 +1,7 @@
 """The engine loop: scheduling, speculation control, the step plan."""
 
-from .engine import Completion, CompletionStats, Engine, SamplingParams
+from .engine import Engine
+from .params import SamplingParams, SpeculationConfig
+from .request import Completion, CompletionStats, StreamChunk
 
-__all__ = ["Engine", "SamplingParams", "Completion", "CompletionStats"]
+__all__ = ["Engine", "SamplingParams", "SpeculationConfig", "Completion", "CompletionStats", "StreamChunk"]

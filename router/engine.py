@@ -1,63 +1,74 @@
-"""The embedded engine: load a checkpoint, teacher-forced logits, and greedy
-generation over a ragged batch with the KV cache.
+"""The embedded engine: continuous batching with speculative decoding in one
+process.
 
-Ownership: the Engine owns the sequences (their tokens and cached lengths);
-the ModelRunner owns the weights and the cache tensors and is told, each step,
-which chunk of which sequence to append.
+Ownership: the Engine owns requests (tokens, cached length, generator,
+stats); the Scheduler decides who runs each step and with how many tokens;
+the Proposer owns draft state; the ModelRunner owns weights and KV tensors
+and is told each step which chunk of which slot to append. One step:
+
+    schedule -> propose drafts -> one target forward over [new tokens | drafts]
+    per request -> verify (greedy or rejection sampling) -> commit accepted +
+    recovered/bonus token, check stop conditions -> stream
 """
 
-from dataclasses import dataclass, field
+import itertools
+import random
+from collections.abc import Iterator
 from pathlib import Path
 
-import msgspec
 import torch
 
+from ..drafter.base import DraftInput, Proposal, Proposer
 from ..experts.batch import Chunk
 from ..experts.runner import ModelRunner
-from ..kernels.sampling import greedy
+from .params import SamplingParams, SpeculationConfig, parse_speculation
+from .request import Completion, CompletionStats, Request, StreamChunk
+from .scheduler import Scheduled, Scheduler
+
+__all__ = ["Engine", "SamplingParams", "Completion", "CompletionStats", "StreamChunk"]
 
 
-class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    max_tokens: int = 16            # new tokens per prompt at most
-    temperature: float = 0.0        # 0: greedy (the only mode of the foundation engine)
-    ignore_eos: bool = False        # keep going past end-of-sequence tokens
-    stop_token_ids: tuple[int, ...] = ()  # extra ids that end a sequence (kept in the output)
-
-    def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature != 0.0:
-            raise ValueError("temperature > 0 (sampling) is not available yet; use temperature=0.0")
-
-
-@dataclass
-class CompletionStats:
-    steps: int = 0                  # forwards this sequence took part in (prefill included)
-    draft_tokens: int = 0           # speculative tokens proposed (0 without speculation)
-    accepted_tokens: int = 0        # of which accepted
-    prompt_tokens: int = 0
-
-
-@dataclass
-class Completion:
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str | None
-    finish_reason: str              # "length" | "stop"
-    stats: CompletionStats = field(default_factory=CompletionStats)
+def build_proposer(spec: SpeculationConfig, runner: ModelRunner, max_seqs: int, max_seq_len: int) -> Proposer | None:
+    """The drafter a speculation config names (never a synthetic one)."""
+    from .. import drafter
+    if not spec.enabled:
+        return None
+    if spec.method == "ngram":
+        return drafter.NgramProposer(min_n=spec.min_n, max_n=spec.max_n)
+    if spec.method == "draft_model":
+        m = runner.model
+        return drafter.draft_model_proposer(runner.config, spec.draft_model, m.device, m.dtype, max_seqs, max_seq_len)
+    return drafter.layer_skip_proposer(runner, spec.layers, max_seqs, max_seq_len)
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, tokenizer=None):
+    def __init__(self, runner: ModelRunner, tokenizer=None, speculation=None, proposer: Proposer | None = None,
+                 max_tokens_per_step: int = 4096, kv_budget_tokens: int | None = None):
+        """`proposer` overrides the one `speculation` names: the way Python
+        benchmarks plug in a synthetic drafter (the serving API cannot)."""
         self.runner, self.tokenizer = runner, tokenizer
         self.config = runner.config
         ckpt = runner.checkpoint
         self.eos_token_ids = set(ckpt.eos_token_ids if ckpt else self.config.eos_token_ids)
+        cache = runner.cache
+        if proposer is not None:   # only k (and auto) are read from `speculation` then
+            spec = speculation if isinstance(speculation, dict) else {}
+            self.speculation = SpeculationConfig(k=int(spec.get("k", 4)), auto=bool(spec.get("auto", False)))
+            self.proposer, self.method = proposer, proposer.name
+        else:
+            self.speculation = parse_speculation(speculation)
+            self.proposer = build_proposer(self.speculation, runner, cache.num_slots, cache.capacity)
+            self.method = self.speculation.method
+        self.scheduler = Scheduler(cache.num_slots, cache.capacity, max_tokens_per_step,
+                                   kv_budget_tokens or cache.num_slots * cache.capacity)
+        self._ids = itertools.count()
+        self._requests: dict[int, Request] = {}
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str = "float32",
-                        max_batch: int = 8, max_seq_len: int = 2048) -> "Engine":
-        """Load a local Hugging Face checkpoint directory (see experts.checkpoint)."""
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str = "float32", max_batch: int = 8,
+                        max_seq_len: int = 2048, speculation=None, **kwargs) -> "Engine":
+        """Load a local Hugging Face checkpoint directory (see experts.checkpoint).
+        speculation: "off", "auto", or e.g. {"method": "ngram", "k": 4}."""
         runner = ModelRunner.from_pretrained(path, device=device, dtype=dtype, max_seqs=max_batch,
                                              max_seq_len=max_seq_len)
         tok = None
@@ -65,20 +76,48 @@ class Engine:
         if tok_file.exists():
             from tokenizers import Tokenizer
             tok = Tokenizer.from_file(str(tok_file))
-        return cls(runner, tok)
+        return cls(runner, tok, speculation=speculation, **kwargs)
+
+    # ---- input / output -------------------------------------------------------------------------------------
 
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("string prompts need a tokenizer.json in the checkpoint; pass token ids instead")
-            return self.tokenizer.encode(prompt).ids
-        ids = [int(t) for t in prompt]
+            ids = self.tokenizer.encode(prompt).ids
+        else:
+            ids = [int(t) for t in prompt]
         if not ids:
             raise ValueError("empty prompt")
+        V = self.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"token id {bad[0]} outside the vocabulary 0..{V - 1}")
         return ids
 
-    def _decode(self, ids: list[int]) -> str | None:
-        return self.tokenizer.decode(ids) if self.tokenizer is not None else None
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    def _request_k(self, params: SamplingParams) -> int:
+        """Draft tokens per step for a request: the engine's k, 0 for "off", or
+        {"k": n} (optionally naming the engine's own method)."""
+        spec = params.speculation
+        if spec is None or spec == "auto":
+            return self.speculation.k if self.proposer is not None else 0
+        if spec == "off":
+            return 0
+        unknown = set(spec) - {"k", "method"}
+        if unknown:
+            raise ValueError(f"request speculation {spec!r}: unknown keys {sorted(unknown)} (allowed: k, method)")
+        if self.proposer is None or spec.get("method", self.method) != self.method:
+            raise ValueError(f"request speculation {spec!r} needs a drafter this engine does not run "
+                             f"(engine speculation: {self.method!r})")
+        k = spec.get("k", self.speculation.k)
+        if not isinstance(k, int) or not 0 <= k <= 64:
+            raise ValueError(f"request speculation k must be an integer in 0..64, got {k!r}")
+        return k
+
+    # ---- public API -----------------------------------------------------------------------------------------
 
     def logits(self, token_ids) -> torch.Tensor:
         """Teacher-forced target logits (len(token_ids), V) float32 of one sequence."""
@@ -89,47 +128,161 @@ class Engine:
         finally:
             self.runner.cache.free(slot)
 
-    def generate(self, prompts, params: SamplingParams | None = None) -> list[Completion]:
-        """Greedy completions of a batch of prompts (strings or token-id lists),
-        run together as one ragged batch, at most max_batch at a time."""
+    def add_request(self, prompt, params: SamplingParams | None = None, index: int = 0) -> int:
+        """Validate and queue one request; returns its id. Raises ValueError on bad input, queuing nothing."""
         params = params or SamplingParams()
-        encoded = [self._encode(p) for p in prompts]
+        ids = self._encode(prompt)
         cap = self.runner.cache.capacity
-        for i, ids in enumerate(encoded):
-            if len(ids) + params.max_tokens > cap:
-                raise ValueError(f"prompt {i}: {len(ids)} tokens + max_tokens {params.max_tokens} exceed "
-                                 f"max_seq_len {cap}")
-        out: list[Completion] = []
-        step = self.runner.cache.num_slots
-        for i in range(0, len(encoded), step):
-            out.extend(self._generate_group(encoded[i:i + step], params))
-        return out
+        if len(ids) + params.max_tokens > cap:
+            raise ValueError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} exceed "
+                             f"max_seq_len {cap}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer.json in the checkpoint")
+        k = self._request_k(params)
+        gen = None
+        if params.temperature > 0:
+            gen = torch.Generator(device="cpu").manual_seed(
+                params.seed if params.seed is not None else random.getrandbits(63))
+        req = Request(next(self._ids), index, ids, params, k, gen, stats=CompletionStats(prompt_tokens=len(ids)))
+        self._requests[req.id] = req
+        self.scheduler.add(req)
+        return req.id
 
-    def _generate_group(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        slots = [self.runner.cache.allocate() for _ in prompts]
-        stop = set() if params.ignore_eos else set(self.eos_token_ids)
-        stop |= set(params.stop_token_ids)
-        done = [Completion(list(p), [], None, "length", CompletionStats(prompt_tokens=len(p))) for p in prompts]
-        try:
-            active = list(range(len(prompts)))
-            chunks = [Chunk(slots[i], 0, prompts[i]) for i in active]
-            while active:
-                next_ids = greedy(self.runner.run(chunks).logits).tolist()
-                still = []
-                for i, tok in zip(active, next_ids):
-                    c = done[i]
-                    c.token_ids.append(tok)
-                    c.stats.steps += 1
-                    if tok in stop:
-                        c.finish_reason = "stop"
-                    elif len(c.token_ids) < params.max_tokens:
-                        still.append(i)
-                active = still
-                chunks = [Chunk(slots[i], len(prompts[i]) + len(done[i].token_ids) - 1, [done[i].token_ids[-1]])
-                          for i in active]
-        finally:
-            for s in slots:
-                self.runner.cache.free(s)
-        for c in done:
-            c.text = self._decode(c.token_ids)
-        return done
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
+        """Completions of a batch of prompts (strings or token-id lists), in order,
+        run with continuous batching (at most max_batch at a time)."""
+        reqs = self._add_all(prompts, params)
+        while any(not r.finished for r in reqs):
+            self.step()
+        return [r.completion(self.tokenizer is not None) for r in reqs]
+
+    def generate_stream(self, prompts, params: SamplingParams | list[SamplingParams] | None = None
+                        ) -> Iterator[StreamChunk]:
+        """Like generate, yielding what every step adds to every request."""
+        reqs = self._add_all(prompts, params)
+        ids = {r.id for r in reqs}
+        while any(not r.finished for r in reqs):
+            for chunk_req, chunk in self.step():
+                if chunk_req.id in ids:
+                    yield chunk
+
+    def _add_all(self, prompts, params) -> list[Request]:
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        # Validate everything before queuing anything, so a bad prompt loses no request.
+        for i, (p, sp) in enumerate(zip(prompts, plist)):
+            try:
+                ids = self._encode(p)
+                sp = sp or SamplingParams()
+                if len(ids) + sp.max_tokens > self.runner.cache.capacity:
+                    raise ValueError(f"{len(ids)} tokens + max_tokens {sp.max_tokens} exceed max_seq_len "
+                                     f"{self.runner.cache.capacity}")
+                self._request_k(sp)
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+        return [self._requests[self.add_request(p, sp, i)] for i, (p, sp) in enumerate(zip(prompts, plist))]
+
+    # ---- the step -------------------------------------------------------------------------------------------
+
+    def _preempt(self, req: Request) -> None:
+        if req.slot is not None:
+            self.runner.cache.free(req.slot)
+            req.slot = None
+        req.num_cached = 0
+        req.stats.preemptions += 1
+        if self.proposer is not None:
+            self.proposer.release(req.id)
+
+    def _finish(self, req: Request) -> None:
+        self.scheduler.remove(req)
+        if req.slot is not None:
+            self.runner.cache.free(req.slot)
+            req.slot = None
+        if self.proposer is not None:
+            self.proposer.release(req.id)
+        self._requests.pop(req.id, None)
+
+    def _propose(self, plan: list[Scheduled]) -> dict[int, Proposal]:
+        wanted = [s for s in plan if s.k > 0 and not s.partial]
+        if not wanted or self.proposer is None:
+            return {}
+        inputs = [DraftInput(s.req.id, s.req.tokens, s.k, s.req.params.temperature, s.req.params.top_k,
+                             s.req.params.top_p, s.req.generator) for s in wanted]
+        return {s.req.id: p for s, p in zip(wanted, self.proposer.propose(inputs))}
+
+    def step(self) -> list[tuple[Request, StreamChunk]]:
+        """Run one engine step; returns a StreamChunk per request that ran."""
+        plan = self.scheduler.schedule(self._preempt)
+        if not plan:
+            return []
+        for s in plan:
+            if s.req.slot is None:
+                s.req.slot = self.runner.cache.allocate()
+        drafts = self._propose(plan)
+        chunks, rows = [], []
+        for s in plan:
+            r = s.req
+            d = drafts[r.id].tokens[:s.k] if r.id in drafts else []
+            chunks.append(Chunk(r.slot, r.num_cached, r.tokens[r.num_cached:r.num_cached + s.num_new] + d))
+            rows.append(1 if s.partial else len(d) + 1)
+        from ..kernels.sampling import probs_from_logits
+        from ..kernels.verify import verify_greedy, verify_sampling
+        logits = self.runner.run(chunks, num_logits=rows).logits
+        events, at = [], 0
+        for s, n in zip(plan, rows):
+            r = s.req
+            block, at = logits[at:at + n], at + n
+            if s.partial:
+                r.num_cached += s.num_new
+                continue
+            prop = drafts.get(r.id)
+            d = prop.tokens[:s.k] if prop else []
+            if r.params.temperature > 0:
+                p = r.params
+                probs = probs_from_logits(block, p.temperature, p.top_k, p.top_p)
+                q = prop.probs[:len(d)] if prop is not None and prop.probs is not None else None
+                accepted, nxt = verify_sampling(probs, d, q, r.generator)
+            else:
+                accepted, nxt = verify_greedy(block, d)
+            r.num_cached += s.num_new + accepted
+            r.stats.steps += 1
+            r.stats.draft_tokens += len(d)
+            r.stats.accepted_tokens += accepted
+            new = self._commit(r, d[:accepted] + [nxt])
+            events.append((r, StreamChunk(r.index, new, self._text_delta(r), len(d), accepted, r.finished,
+                                          r.finish_reason)))
+            if r.finished:
+                self._finish(r)
+        return events
+
+    def _commit(self, r: Request, tokens: list[int]) -> list[int]:
+        """Append tokens one by one until a stop condition; returns those kept."""
+        p = r.params
+        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+        kept = []
+        for t in tokens:
+            r.output.append(t)
+            kept.append(t)
+            if p.stop:
+                text = self._decode(r.output)
+                hit = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+                if hit >= 0:
+                    r.text, r.finish_reason = text[:hit], "stop"
+                    return kept
+            if t in stop_ids:
+                r.finish_reason = "stop"
+                break
+            if len(r.output) >= p.max_tokens:
+                r.finish_reason = "length"
+                break
+        if self.tokenizer is not None:
+            r.text = self._decode(r.output)
+        return kept
+
+    def _text_delta(self, r: Request) -> str:
+        """New stable text: a trailing incomplete character is held back until the request ends."""
+        text = r.text if r.finished else r.text.rstrip("\ufffd")
+        delta = text[r.emitted:] if len(text) > r.emitted else ""
+        r.emitted = max(r.emitted, len(text))
+        return delta

@@ -2,11 +2,11 @@
 cost-aware speculative decoding.
 
     from specmoe import Engine, SamplingParams
-    eng = Engine.from_pretrained(path, device="cpu", dtype="float32")
+    eng = Engine.from_pretrained(path, device="cpu", dtype="float32", speculation={"method": "ngram", "k": 4})
     eng.generate(["Hello"], SamplingParams(max_tokens=32))
 """
 
-from .router.engine import Completion, CompletionStats, Engine, SamplingParams
+from .router import Completion, CompletionStats, Engine, SamplingParams, SpeculationConfig, StreamChunk
 
-__all__ = ["Engine", "SamplingParams", "Completion", "CompletionStats"]
+__all__ = ["Engine", "SamplingParams", "SpeculationConfig", "Completion", "CompletionStats", "StreamChunk"]
 __version__ = "0.1.0"

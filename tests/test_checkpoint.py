@@ -123,7 +123,7 @@ def test_bad_requests_fail_clearly_and_engine_keeps_working(mixtral_dir):
         eng.generate(["hello"])
     with pytest.raises(ValueError, match=r"exceed max_seq_len 64"):
         eng.generate([[1] * 60], SamplingParams(max_tokens=8))
-    with pytest.raises(ValueError, match=r"max_tokens must be >= 1"):
+    with pytest.raises(ValueError, match=r"max_tokens must be an integer >= 1"):
         SamplingParams(max_tokens=0)
     with pytest.raises(ValueError, match=r"empty prompt"):
         eng.generate([[]])

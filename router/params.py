@@ -1,0 +1,74 @@
+"""Request and speculation parameters: frozen msgspec structs validated at
+construction, every field with a default and a one-line doc."""
+
+import msgspec
+
+METHODS = ("ngram", "draft_model", "layer_skip")   # what the serving API may name
+
+
+class SpeculationConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    method: str = "off"             # off | ngram | draft_model | layer_skip
+    k: int = 4                      # draft tokens per step (the most "auto" may use)
+    auto: bool = False              # "auto": the controller picks k per step (until it exists: fixed k)
+    draft_model: str | None = None  # draft_model: path of a checkpoint with the target's vocabulary
+    layers: int | list[int] | None = None  # layer_skip: the first L' layers, or an explicit subset
+    min_n: int = 1                  # ngram: shortest suffix matched
+    max_n: int = 3                  # ngram: longest suffix matched
+
+    def __post_init__(self):
+        if self.method != "off" and self.method not in METHODS:
+            hint = " (synthetic drafters are for Python benchmarks only)" if self.method == "synthetic" else ""
+            raise ValueError(f"speculation method {self.method!r} unknown; use 'off' or one of {list(METHODS)}{hint}")
+        if not 0 <= self.k <= 64:
+            raise ValueError(f"speculation k must be in 0..64, got {self.k}")
+        if self.method == "draft_model" and not self.draft_model:
+            raise ValueError("speculation method 'draft_model' needs 'draft_model': a checkpoint path")
+        if self.method == "layer_skip" and self.layers is None:
+            raise ValueError("speculation method 'layer_skip' needs 'layers': a count or a list of layer indices")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "off" and self.k > 0
+
+
+def parse_speculation(spec) -> SpeculationConfig:
+    """'off', 'auto' (n-gram drafting with the default k until the controller
+    exists), a dict of SpeculationConfig fields, or a SpeculationConfig."""
+    if spec is None or spec == "off":
+        return SpeculationConfig()
+    if spec == "auto":
+        return SpeculationConfig(method="ngram", auto=True)
+    if isinstance(spec, SpeculationConfig):
+        return spec
+    if isinstance(spec, dict):
+        try:
+            return msgspec.convert(spec, SpeculationConfig)
+        except msgspec.ValidationError as e:
+            raise ValueError(f"speculation {spec!r}: {e}") from None
+    raise ValueError(f"speculation must be 'off', 'auto' or a dict, got {spec!r}")
+
+
+class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    max_tokens: int = 16            # new tokens per prompt at most
+    temperature: float = 0.0        # 0: greedy
+    top_k: int = 0                  # keep the k most likely tokens, 0: off
+    top_p: float = 1.0              # nucleus: smallest set with probability >= top_p, 1.0: off
+    seed: int | None = None         # per-request generator seed; None: drawn at random
+    stop: tuple[str, ...] = ()      # strings that end the output (not included in the text)
+    stop_token_ids: tuple[int, ...] = ()  # token ids that end the output (kept in token_ids)
+    ignore_eos: bool = False        # keep going past end-of-sequence tokens
+    speculation: str | dict | None = None  # None: the engine's; "off"; "auto"; {"k": n} (engine's method)
+
+    def __post_init__(self):
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+        if self.speculation not in (None, "off", "auto") and not isinstance(self.speculation, dict):
+            raise ValueError(f"speculation must be None, 'off', 'auto' or a dict, got {self.speculation!r}")
