@@ -1,5 +1,6 @@
 """The `specmoe` command line. `specmoe generate` runs the embedded engine on a
-local checkpoint; serving over gRPC (`specmoe serve`) comes with the serving issue."""
+local checkpoint, with or without speculation; serving over gRPC
+(`specmoe serve`) comes with the serving issue."""
 
 import argparse
 import sys
@@ -9,20 +10,32 @@ import time
 def _generate(a: argparse.Namespace) -> int:
     from ..router.engine import Engine, SamplingParams
 
+    spec = a.speculation
+    if spec not in ("off", "auto"):
+        spec = {"method": spec, "k": a.k}
+        if a.speculation == "draft_model":
+            spec["draft_model"] = a.draft_model
+        if a.speculation == "layer_skip":
+            spec["layers"] = a.layers
     t0 = time.perf_counter()
     eng = Engine.from_pretrained(a.model, device=a.device, dtype=a.dtype, max_batch=max(len(a.prompt), 1),
-                                 max_seq_len=a.max_seq_len)
+                                 max_seq_len=a.max_seq_len, speculation=spec)
     c = eng.config
     moe = f"{c.moe.num_experts} experts top-{c.moe.top_k} in {len(c.moe.layers)} layers" if c.moe else "dense"
     print(f"loaded {c.architecture} ({c.num_layers} layers, hidden {c.hidden_size}, {moe}) "
           f"as {a.dtype} on {a.device} in {time.perf_counter() - t0:.2f}s", flush=True)
     t0 = time.perf_counter()
-    outs = eng.generate(a.prompt, SamplingParams(max_tokens=a.max_tokens, ignore_eos=a.ignore_eos))
+    outs = eng.generate(a.prompt, SamplingParams(max_tokens=a.max_tokens, ignore_eos=a.ignore_eos,
+                                                 temperature=a.temperature, seed=a.seed))
     dt = time.perf_counter() - t0
     for p, o in zip(a.prompt, outs):
-        print(f"\n> {p}\n{o.text if o.text is not None else o.token_ids}  [{len(o.token_ids)} tokens, {o.finish_reason}]")
+        st = o.stats
+        print(f"\n> {p}\n{o.text if o.text is not None else o.token_ids}\n  [{len(o.token_ids)} tokens, "
+              f"{o.finish_reason}; {st.steps} steps, {st.accepted_tokens}/{st.draft_tokens} drafts accepted]")
     n = sum(len(o.token_ids) for o in outs)
-    print(f"\n{n} tokens in {dt:.2f}s ({n / dt:.1f} tokens/s, greedy, batch {len(outs)})")
+    mode = "greedy" if a.temperature == 0 else f"temperature {a.temperature}"
+    print(f"\n{n} tokens in {dt:.2f}s ({n / dt:.1f} tokens/s, {mode}, batch {len(outs)}, "
+          f"speculation {a.speculation})")
     return 0
 
 
@@ -37,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     g.add_argument("--max-seq-len", type=int, default=1024)
     g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--speculation", default="off", choices=["off", "auto", "ngram", "draft_model", "layer_skip"])
+    g.add_argument("--k", type=int, default=4, help="draft tokens per step")
+    g.add_argument("--draft-model", help="draft checkpoint for --speculation draft_model")
+    g.add_argument("--layers", type=int, default=1, help="first layers used by --speculation layer_skip")
     a = ap.parse_args(argv)
     try:
         return _generate(a)

@@ -281,8 +281,14 @@ class Engine:
         return kept
 
     def _text_delta(self, r: Request) -> str:
-        """New stable text: a trailing incomplete character is held back until the request ends."""
-        text = r.text if r.finished else r.text.rstrip("\ufffd")
+        """New stable text. Until the request ends, a trailing incomplete character
+        is held back, and so are the last len(stop) - 1 characters, which a stop
+        string completed by a later token would remove."""
+        text = r.text
+        if not r.finished:
+            text = text.rstrip("\ufffd")
+            hold = max((len(s) for s in r.params.stop), default=1) - 1
+            text = text[:len(text) - hold] if hold else text
         delta = text[r.emitted:] if len(text) > r.emitted else ""
         r.emitted = max(r.emitted, len(text))
         return delta
