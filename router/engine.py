@@ -21,6 +21,8 @@ import torch
 from ..drafter.base import DraftInput, Proposal, Proposer
 from ..experts.batch import Chunk
 from ..experts.runner import ModelRunner
+from ..kernels.sampling import probs_from_logits
+from ..kernels.verify import verify_greedy, verify_sampling
 from .params import SamplingParams, SpeculationConfig, parse_speculation
 from .request import Completion, CompletionStats, Request, StreamChunk
 from .scheduler import Scheduled, Scheduler
@@ -226,8 +228,6 @@ class Engine:
             d = drafts[r.id].tokens[:s.k] if r.id in drafts else []
             chunks.append(Chunk(r.slot, r.num_cached, r.tokens[r.num_cached:r.num_cached + s.num_new] + d))
             rows.append(1 if s.partial else len(d) + 1)
-        from ..kernels.sampling import probs_from_logits
-        from ..kernels.verify import verify_greedy, verify_sampling
         logits = self.runner.run(chunks, num_logits=rows).logits
         events, at = [], 0
         for s, n in zip(plan, rows):
