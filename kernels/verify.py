@@ -26,11 +26,19 @@ def verify_greedy(target_logits: torch.Tensor, draft_tokens: list[int]) -> tuple
     """
     k = len(draft_tokens)
     _check_rows("target_logits", target_logits, k + 1, k)
-    best = target_logits.argmax(dim=-1).tolist()                        # (k+1,), one host sync
+    return accept_greedy(target_logits.argmax(dim=-1).tolist(), draft_tokens)   # one host sync
+
+
+def accept_greedy(target_ids: list[int], draft_tokens: list[int]) -> tuple[int, int]:
+    """verify_greedy on the rows' argmax ids already on the host (k+1 of them),
+    so an engine can take the argmax of a whole batch with one sync."""
+    k = len(draft_tokens)
+    if len(target_ids) != k + 1:
+        raise ValueError(f"{len(target_ids)} target ids for {k} draft tokens, expected {k + 1}")
     a = 0
-    while a < k and draft_tokens[a] == best[a]:
+    while a < k and draft_tokens[a] == target_ids[a]:
         a += 1
-    return a, best[a]
+    return a, target_ids[a]
 
 
 def verify_sampling(target_probs: torch.Tensor, draft_tokens: list[int], draft_probs: torch.Tensor | None,

@@ -22,7 +22,7 @@ from ..drafter.base import DraftInput, Proposal, Proposer
 from ..experts.batch import Chunk
 from ..experts.runner import ModelRunner
 from ..kernels.sampling import probs_from_logits
-from ..kernels.verify import verify_greedy, verify_sampling
+from ..kernels.verify import accept_greedy, verify_sampling
 from .params import SamplingParams, SpeculationConfig, parse_speculation
 from .request import Completion, CompletionStats, Request, StreamChunk
 from .scheduler import Scheduled, Scheduler
@@ -229,10 +229,12 @@ class Engine:
             chunks.append(Chunk(r.slot, r.num_cached, r.tokens[r.num_cached:r.num_cached + s.num_new] + d))
             rows.append(1 if s.partial else len(d) + 1)
         logits = self.runner.run(chunks, num_logits=rows).logits
+        # Greedy requests need only the argmax: one host transfer for the whole batch.
+        best = logits.argmax(dim=-1).tolist() if any(s.req.params.temperature == 0 for s in plan) else []
         events, at = [], 0
         for s, n in zip(plan, rows):
             r = s.req
-            block, at = logits[at:at + n], at + n
+            block, ids, at = logits[at:at + n], best[at:at + n], at + n
             if s.partial:
                 r.num_cached += s.num_new
                 continue
@@ -244,7 +246,7 @@ class Engine:
                 q = prop.probs[:len(d)] if prop is not None and prop.probs is not None else None
                 accepted, nxt = verify_sampling(probs, d, q, r.generator)
             else:
-                accepted, nxt = verify_greedy(block, d)
+                accepted, nxt = accept_greedy(ids, d)
             r.num_cached += s.num_new + accepted
             r.stats.steps += 1
             r.stats.draft_tokens += len(d)

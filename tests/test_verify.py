@@ -340,3 +340,15 @@ def test_sampling_is_a_function_of_the_generator_seed():
     for draft_probs in (q, None):
         assert run(61, draft_probs) == run(61, draft_probs)
         assert run(61, draft_probs) != run(62, draft_probs)
+
+
+def test_accept_greedy_on_host_ids_matches_verify_greedy():
+    from specmoe.kernels.verify import accept_greedy, verify_greedy
+    g = torch.Generator().manual_seed(5)
+    for k in range(0, 5):
+        logits = torch.randn(k + 1, 7, generator=g)
+        best = logits.argmax(-1).tolist()
+        for draft in (best[:k], [(t + 1) % 7 for t in best[:k]], best[:k // 2] + [(t + 1) % 7 for t in best[k // 2:k]]):
+            assert accept_greedy(best, draft) == verify_greedy(logits, draft)
+    with pytest.raises(ValueError, match="3 target ids for 1 draft tokens"):
+        accept_greedy([1, 2, 3], [1])
