@@ -1,7 +1,9 @@
 """Prompt lookup (n-gram) drafting: no model, no state.
 
-The drafts are the tokens that followed the most recent earlier occurrence of
-the sequence's last n tokens, trying the longest n first (the idea of
+The drafts are the tokens that followed an earlier occurrence of the
+sequence's last n tokens, trying the longest n first: the most recent
+occurrence that is followed by at least k tokens, else the one followed by the
+most (a repetition's latest occurrence is followed by only a token or two) (the idea of
 prompt-lookup decoding in transformers and vLLM's n-gram proposer). It pays
 off where the output copies from the context: code edits, summaries, RAG.
 """
@@ -13,8 +15,9 @@ from .base import DraftInput, Proposal, Proposer
 
 
 def lookup(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
-    """Up to k tokens following the most recent earlier occurrence of the last
-    n tokens of `tokens`, for the largest n in max_n..min_n that occurs; [] if none does."""
+    """Up to k tokens following an earlier occurrence of the last n tokens of
+    `tokens`, for the largest n in max_n..min_n that occurs: the most recent
+    occurrence followed by k tokens, else the one followed by the most; [] if none."""
     L = len(tokens)
     if L < min_n + 1:
         return []
@@ -25,7 +28,8 @@ def lookup(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
         windows = sliding_window_view(seq[:-1], n)              # (L-n, n)
         hits = np.flatnonzero((windows == seq[L - n:]).all(axis=1))
         if hits.size:
-            start = int(hits[-1]) + n
+            full = hits[hits + n + k <= L]        # occurrences followed by at least k tokens
+            start = int(full[-1] if full.size else hits[0]) + n
             return tokens[start:start + k]
     return []
 

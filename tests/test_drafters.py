@@ -103,11 +103,14 @@ def test_ngram_prefers_longest_match():
     assert ask(NgramProposer(3, 3), (0, [5, 2, 3, 7, 1, 2, 3], 4)) == [[]]   # no trigram, bigrams not allowed
 
 
-def test_ngram_most_recent_occurrence_and_truncation():
+def test_ngram_most_recent_occurrence_with_k_followers():
     seq = [4, 5, 6, 4, 7, 4, 8, 4]
-    assert ask(NgramProposer(1, 1), (0, seq, 3)) == [[8, 4]]     # after the 4 at index 5; cut by the end
+    assert ask(NgramProposer(1, 1), (0, seq, 3)) == [[7, 4, 8]]  # the 4 at index 5 has only 2 followers
+    assert ask(NgramProposer(1, 1), (0, seq, 2)) == [[8, 4]]     # ... enough for k = 2
     assert ask(NgramProposer(1, 1), (0, seq, 1)) == [[8]]        # cut by k
+    assert ask(NgramProposer(1, 1), (0, seq, 9)) == [[5, 6, 4, 7, 4, 8, 4]]   # none has 9: the most followers
     assert ask(NgramProposer(1, 3), (0, [7, 7, 7, 7], 5)) == [[7]]   # [7 7 7] at 0, one token follows
+    assert ask(NgramProposer(1, 3), (0, [7] * 12, 4)) == [[7, 7, 7, 7]]   # a repetition drafts k, not 1
 
 
 def test_ngram_no_match():
