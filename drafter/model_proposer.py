@@ -26,7 +26,7 @@ from ..experts.cache import KVCache
 from ..experts.checkpoint import read_checkpoint
 from ..experts.config import ModelConfig
 from ..experts.runner import ModelRunner
-from ..kernels.sampling import greedy
+from ..kernels.sampling import greedy, probs_from_logits, sample
 from .base import DraftInput, Proposal, Proposer
 
 
@@ -152,7 +152,6 @@ class ModelProposer(Proposer):
         toks = greedy(logits)                                          # (B,)
         probs: list[torch.Tensor | None] = [None] * len(inputs)
         if any(inp.temperature > 0 for inp in inputs):
-            from ..kernels.sampling import probs_from_logits, sample   # lazily: added alongside the sampler
             for b, inp in enumerate(inputs):
                 if inp.temperature > 0:
                     p = probs_from_logits(logits[b:b + 1], inp.temperature, inp.top_k, inp.top_p)   # (1, V)
