@@ -143,7 +143,7 @@ class Engine:
         k = self._request_k(params)
         gen = None
         if params.temperature > 0:
-            gen = torch.Generator(device="cpu").manual_seed(
+            gen = torch.Generator(device=self.runner.model.device).manual_seed(  # where the probs live
                 params.seed if params.seed is not None else random.getrandbits(63))
         req = Request(next(self._ids), index, ids, params, k, gen, stats=CompletionStats(prompt_tokens=len(ids)))
         self._requests[req.id] = req

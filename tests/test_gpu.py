@@ -44,3 +44,14 @@ def test_cuda_bfloat16_loads_and_tracks_float32(ckpt):
     got = Engine.from_pretrained(ckpt, device="cuda", dtype="bfloat16").logits(ids).cpu()
     assert got.dtype == torch.float32
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_cuda_speculation_greedy_lossless_and_seeded_sampling(ckpt):
+    prompts = [list(range(5, 17)), [9, 9, 9, 9, 9, 9]]
+    off = Engine.from_pretrained(ckpt, device="cuda")
+    spec = Engine.from_pretrained(ckpt, device="cuda", speculation={"method": "layer_skip", "k": 3, "layers": 1})
+    greedy = SamplingParams(max_tokens=24, ignore_eos=True)
+    assert [o.token_ids for o in spec.generate(prompts, greedy)] == [o.token_ids for o in off.generate(prompts, greedy)]
+    sampled = SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.8, seed=3)
+    a, b = spec.generate(prompts, sampled), spec.generate(prompts, sampled)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
