@@ -130,8 +130,8 @@ class Engine:
         finally:
             self.runner.cache.free(slot)
 
-    def add_request(self, prompt, params: SamplingParams | None = None, index: int = 0) -> int:
-        """Validate and queue one request; returns its id. Raises ValueError on bad input, queuing nothing."""
+    def _make_request(self, prompt, params: SamplingParams | None, index: int) -> Request:
+        """A validated request, not yet queued; ValueError names what is wrong."""
         params = params or SamplingParams()
         ids = self._encode(prompt)
         cap = self.runner.cache.capacity
@@ -145,9 +145,16 @@ class Engine:
         if params.temperature > 0:
             gen = torch.Generator(device=self.runner.model.device).manual_seed(  # where the probs live
                 params.seed if params.seed is not None else random.getrandbits(63))
-        req = Request(next(self._ids), index, ids, params, k, gen, stats=CompletionStats(prompt_tokens=len(ids)))
+        return Request(next(self._ids), index, ids, params, k, gen, stats=CompletionStats(prompt_tokens=len(ids)))
+
+    def _queue(self, req: Request) -> None:
         self._requests[req.id] = req
         self.scheduler.add(req)
+
+    def add_request(self, prompt, params: SamplingParams | None = None, index: int = 0) -> int:
+        """Validate and queue one request; returns its id. Raises ValueError on bad input, queuing nothing."""
+        req = self._make_request(prompt, params, index)
+        self._queue(req)
         return req.id
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
@@ -173,17 +180,15 @@ class Engine:
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
         # Validate everything before queuing anything, so a bad prompt loses no request.
+        reqs = []
         for i, (p, sp) in enumerate(zip(prompts, plist)):
             try:
-                ids = self._encode(p)
-                sp = sp or SamplingParams()
-                if len(ids) + sp.max_tokens > self.runner.cache.capacity:
-                    raise ValueError(f"{len(ids)} tokens + max_tokens {sp.max_tokens} exceed max_seq_len "
-                                     f"{self.runner.cache.capacity}")
-                self._request_k(sp)
+                reqs.append(self._make_request(p, sp, i))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-        return [self._requests[self.add_request(p, sp, i)] for i, (p, sp) in enumerate(zip(prompts, plist))]
+        for r in reqs:
+            self._queue(r)
+        return reqs
 
     # ---- the step -------------------------------------------------------------------------------------------
 

@@ -184,3 +184,15 @@ def test_seeded_sampling_is_reproducible_with_and_without_speculation(target, dr
         c = [o.token_ids for o in eng.generate(PROMPTS, SamplingParams(
             max_tokens=24, temperature=0.9, top_p=0.95, seed=8, ignore_eos=True))]
         assert a == b and a != c
+
+
+def test_a_bad_prompt_in_a_batch_queues_nothing(target, plain):
+    _, want = plain
+    eng = Engine.from_pretrained(target, max_batch=4, max_seq_len=128)
+    with pytest.raises(ValueError, match=r"prompt 1: stop strings need a tokenizer.json"):
+        eng.generate(PROMPTS[:2], [SamplingParams(max_tokens=4), SamplingParams(max_tokens=4, stop=("x",))])
+    with pytest.raises(ValueError, match=r"prompt 2: token id 999 outside the vocabulary"):
+        eng.generate([PROMPTS[0], PROMPTS[1], [999]], SamplingParams(max_tokens=4))
+    assert not eng.scheduler.has_work
+    outs = eng.generate(PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True))
+    assert [o.token_ids for o in outs] == [w[:8] for w in want]
