@@ -24,6 +24,18 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+BUNDLED = Path(__file__).resolve().parent / "bundled"   # tiny-moe and tiny-draft, trained by scripts/train_tiny.py
+
+
+def bundled_model(name: str = "tiny-moe") -> Path:
+    """The directory of a checkpoint shipped with specmoe ("tiny-moe", "tiny-draft")."""
+    path = BUNDLED / name
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"bundled model {name!r} not found at {path}; "
+                                f"build it with scripts/train_tiny.py --out {BUNDLED}")
+    return path
+
+
 class CheckpointError(ValueError):
     """A checkpoint directory cannot be loaded; the message names what is wrong."""
 

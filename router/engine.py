@@ -20,6 +20,7 @@ import torch
 
 from ..drafter.base import DraftInput, Proposal, Proposer
 from ..experts.batch import Chunk
+from ..experts.checkpoint import bundled_model
 from ..experts.runner import ModelRunner
 from ..kernels.sampling import probs_from_logits
 from ..kernels.verify import accept_greedy, verify_sampling
@@ -67,10 +68,13 @@ class Engine:
         self._requests: dict[int, Request] = {}
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str = "float32", max_batch: int = 8,
-                        max_seq_len: int = 2048, speculation=None, **kwargs) -> "Engine":
-        """Load a local Hugging Face checkpoint directory (see experts.checkpoint).
-        speculation: "off", "auto", or e.g. {"method": "ngram", "k": 4}."""
+    def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu", dtype: str = "float32",
+                        max_batch: int = 8, max_seq_len: int = 2048, speculation=None, **kwargs) -> "Engine":
+        """Load a local Hugging Face checkpoint directory (see experts.checkpoint);
+        without a path, the bundled tiny MoE. speculation: "off", "auto", or e.g.
+        {"method": "ngram", "k": 4}."""
+        if path is None:
+            path = bundled_model("tiny-moe")
         runner = ModelRunner.from_pretrained(path, device=device, dtype=dtype, max_seqs=max_batch,
                                              max_seq_len=max_seq_len)
         tok = None

@@ -24,12 +24,17 @@ def test_regular_wheel_installs_the_namespace(tmp_path):
     for pkg in ("specmoe", *(f"specmoe/{p}" for p in LAYERS), "specmoe/experts/families"):
         assert (site / pkg / "__init__.py").exists(), f"{pkg} missing from {wheel.name}"
     assert not (site / "kernels").exists(), "bare top-level names must not be installed"
+    for model in ("tiny-moe", "tiny-draft"):
+        for f in ("config.json", "model.safetensors", "tokenizer.json"):
+            assert (site / "specmoe/experts/bundled" / model / f).exists(), f"bundled {model}/{f} missing"
     code = ("import specmoe, specmoe.experts.families.deepseek_v3, specmoe.cluster.cli; "
-            "from specmoe import Engine, SamplingParams; print(specmoe.__file__)")
+            "from specmoe import Engine, SamplingParams; from specmoe.experts.checkpoint import bundled_model; "
+            "print(specmoe.__file__); print(bundled_model())")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.strip().startswith(str(site)), r.stdout
+    lines = r.stdout.split()
+    assert lines[0].startswith(str(site)) and lines[1].startswith(str(site)), r.stdout
 
 
 def test_imports_point_down_the_layers_and_runtime_never_imports_transformers():
