@@ -57,10 +57,11 @@ class DecoderLayer(nn.Module):
                      else Attention(c, dtype, device))
         if c.is_moe_layer(i):
             self.moe = MoE(c, i, dispatcher, stats, dtype, device)
-            self.ffn = self.moe
         else:
             self.mlp = MLP(c.hidden_size, c.intermediate_size, dtype, device)
-            self.ffn = self.mlp
+        # A bound method, not a second registration of the module: parameter and
+        # state_dict names stay unique (layers.i.moe.* / layers.i.mlp.*).
+        self.ffn = self.moe.forward if c.is_moe_layer(i) else self.mlp.forward
 
     def forward(self, x, meta, cos, sin, cache):
         x = x + self.attn(rms_norm(x, self.input_norm, self.eps), meta, cos, sin, cache)

@@ -22,16 +22,14 @@ def sort_by_expert(ids: torch.Tensor, num_experts: int):
 
 
 def grouped_swiglu(x: torch.Tensor, counts: list[int], w_gate_up: torch.Tensor,
-                   w_down: torch.Tensor, expert_ids: list[int] | None = None) -> torch.Tensor:
+                   w_down: torch.Tensor) -> torch.Tensor:
     """x (N, D) rows already grouped by expert with `counts` rows each ->
-    (N, D). w_gate_up (E, 2F, D), w_down (E, D, F). Expert j of the groups is
-    expert_ids[j] (default: j)."""
+    (N, D). w_gate_up (E, 2F, D), w_down (E, D, F)."""
     out = torch.empty_like(x)
     start = 0
-    for j, n in enumerate(counts):
+    for e, n in enumerate(counts):
         if n == 0:
             continue
-        e = expert_ids[j] if expert_ids is not None else j
         h = F.linear(x[start:start + n], w_gate_up[e])
         g, u = h.chunk(2, dim=-1)
         out[start:start + n] = F.linear(F.silu(g) * u, w_down[e])
@@ -39,14 +37,14 @@ def grouped_swiglu(x: torch.Tensor, counts: list[int], w_gate_up: torch.Tensor,
     return out
 
 
-def _grouped_mm_fn():
-    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+# The public name from torch 2.10, the private one before; None where neither exists.
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether this torch has a grouped GEMM kernel for (device, dtype); probed
     with a tiny call, so a missing kernel falls back instead of failing later."""
-    fn = _grouped_mm_fn()
+    fn = _GROUPED_MM
     if fn is None:
         return False
     try:
@@ -62,10 +60,9 @@ def grouped_swiglu_mm(x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Te
                       w_down: torch.Tensor) -> torch.Tensor:
     """grouped_swiglu with one grouped GEMM per projection: the group offsets
     stay on the device, so there is no host sync. counts (E,) on x's device."""
-    fn = _grouped_mm_fn()
     offs = counts.cumsum(0).to(torch.int32)
-    g, u = fn(x, w_gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-    return fn(F.silu(g) * u, w_down.transpose(1, 2), offs=offs)
+    g, u = _GROUPED_MM(x, w_gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+    return _GROUPED_MM(F.silu(g) * u, w_down.transpose(1, 2), offs=offs)
 
 
 def swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .. import drafter
 from ..drafter.base import DraftInput, Proposal, Proposer
 from ..experts.batch import Chunk
 from ..experts.checkpoint import bundled_model
@@ -33,7 +34,6 @@ __all__ = ["Engine", "SamplingParams", "Completion", "CompletionStats", "StreamC
 
 def build_proposer(spec: SpeculationConfig, runner: ModelRunner, max_seqs: int, max_seq_len: int) -> Proposer | None:
     """The drafter a speculation config names (never a synthetic one)."""
-    from .. import drafter
     if not spec.enabled:
         return None
     if spec.method == "ngram":
@@ -230,25 +230,24 @@ class Engine:
         for s in plan:
             if s.req.slot is None:
                 s.req.slot = self.runner.cache.allocate()
-        drafts = self._propose(plan)
+        proposals = self._propose(plan)
+        drafts = [proposals[s.req.id].tokens[:s.k] if s.req.id in proposals else [] for s in plan]
         chunks, rows = [], []
-        for s in plan:
+        for s, d in zip(plan, drafts):
             r = s.req
-            d = drafts[r.id].tokens[:s.k] if r.id in drafts else []
             chunks.append(Chunk(r.slot, r.num_cached, r.tokens[r.num_cached:r.num_cached + s.num_new] + d))
             rows.append(1 if s.partial else len(d) + 1)
         logits = self.runner.run(chunks, num_logits=rows).logits
         # Greedy requests need only the argmax: one host transfer for the whole batch.
         best = logits.argmax(dim=-1).tolist() if any(s.req.params.temperature == 0 for s in plan) else []
         events, at = [], 0
-        for s, n in zip(plan, rows):
+        for s, n, d in zip(plan, rows, drafts):
             r = s.req
             block, ids, at = logits[at:at + n], best[at:at + n], at + n
             if s.partial:
                 r.num_cached += s.num_new
                 continue
-            prop = drafts.get(r.id)
-            d = prop.tokens[:s.k] if prop else []
+            prop = proposals.get(r.id)
             if r.params.temperature > 0:
                 p = r.params
                 probs = probs_from_logits(block, p.temperature, p.top_k, p.top_p)

@@ -15,6 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and spinning OpenMP
+    workers slow the suite down several times on a busy 2-core machine.
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 VOCAB = 128
 EOS = VOCAB - 1          # saved as eos_token_id in config.json and generation_config.json
 BOS = 0

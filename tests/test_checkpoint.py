@@ -132,3 +132,12 @@ def test_bad_requests_fail_clearly_and_engine_keeps_working(mixtral_dir):
     out = eng.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=4, ignore_eos=True))
     assert [len(o.token_ids) for o in out] == [4, 4]
     assert all(o.stats.steps == 4 and o.stats.draft_tokens == 0 for o in out)
+
+
+def test_state_dict_names_are_the_weight_spec_names(mixtral_dir):
+    """Each parameter is registered once (no aliased modules), so a state_dict
+    round-trips and its names are those the family specs load."""
+    from specmoe.experts.families import mixtral
+    model = Engine.from_pretrained(mixtral_dir).runner.model
+    names = set(model.state_dict())
+    assert names == set(mixtral.weight_specs(model.config))

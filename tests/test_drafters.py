@@ -29,13 +29,7 @@ MAX_LEN = 96
 TARGET_LAYERS = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads (see test_families)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _save(cls_name: str, cfg_name: str, path, seed: int, **kw):

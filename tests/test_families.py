@@ -30,14 +30,7 @@ ATOL = 1e-4
 SEQ_LEN = 96    # > original_max_position_embeddings (64) of the YaRN and llama3 variants
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and spinning OpenMP
-    workers slow the suite down several times on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_tokens(n: int, seed: int) -> list[int]:
