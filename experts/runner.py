@@ -4,7 +4,7 @@ This is what an engine (and later an EP worker) drives: it does not track
 sequence lengths; each call says where every chunk starts.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +19,7 @@ from .stats import RoutingSnapshot
 class StepOutput:
     logits: torch.Tensor            # (rows, V) float32: every token's, or each chunk's last
     routing: RoutingSnapshot | None
+    extra: dict = field(default_factory=dict)   # runner-specific measurements (EP: all-to-all time, bytes)
 
 
 class ModelRunner:

@@ -13,6 +13,7 @@ and is told each step which chunk of which slot to append. One step:
 
 import itertools
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from ..kernels.verify import accept_greedy, verify_sampling
 from .params import SamplingParams, SpeculationConfig, parse_speculation
 from .request import Completion, CompletionStats, Request, StreamChunk
 from .scheduler import Scheduled, Scheduler
+from .telemetry import StepReport, Telemetry
 
 __all__ = ["Engine", "SamplingParams", "Completion", "CompletionStats", "StreamChunk"]
 
@@ -66,17 +68,28 @@ class Engine:
                                    kv_budget_tokens or cache.num_slots * cache.capacity)
         self._ids = itertools.count()
         self._requests: dict[int, Request] = {}
+        self.telemetry = Telemetry()
+        self.last_step = StepReport()
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu", dtype: str = "float32",
-                        max_batch: int = 8, max_seq_len: int = 2048, speculation=None, **kwargs) -> "Engine":
+                        max_batch: int = 8, max_seq_len: int = 2048, speculation=None, ep: int = 1,
+                        ray_address: str | None = None, **kwargs) -> "Engine":
         """Load a local Hugging Face checkpoint directory (see experts.checkpoint);
         without a path, the bundled tiny MoE. speculation: "off", "auto", or e.g.
-        {"method": "ngram", "k": 4}."""
+        {"method": "ngram", "k": 4}. ep > 1 (or a ray_address) runs the model
+        expert-parallel over `ep` Ray workers; ep=1 without Ray is the embedded mode."""
         if path is None:
             path = bundled_model("tiny-moe")
-        runner = ModelRunner.from_pretrained(path, device=device, dtype=dtype, max_seqs=max_batch,
-                                             max_seq_len=max_seq_len)
+        if not isinstance(ep, int) or ep < 1:
+            raise ValueError(f"ep must be an integer >= 1, got {ep!r}")
+        if ep > 1 or ray_address is not None:
+            from ..experts.ep_runner import EPRunner
+            runner = EPRunner.from_pretrained(path, ep=ep, ray_address=ray_address, device=device, dtype=dtype,
+                                              max_seqs=max_batch, max_seq_len=max_seq_len)
+        else:
+            runner = ModelRunner.from_pretrained(path, device=device, dtype=dtype, max_seqs=max_batch,
+                                                 max_seq_len=max_seq_len)
         tok = None
         tok_file = Path(path) / "tokenizer.json"
         if tok_file.exists():
@@ -154,12 +167,58 @@ class Engine:
     def _queue(self, req: Request) -> None:
         self._requests[req.id] = req
         self.scheduler.add(req)
+        self.telemetry.requests_added += 1
 
     def add_request(self, prompt, params: SamplingParams | None = None, index: int = 0) -> int:
         """Validate and queue one request; returns its id. Raises ValueError on bad input, queuing nothing."""
         req = self._make_request(prompt, params, index)
         self._queue(req)
         return req.id
+
+    def abort(self, request_id: int) -> bool:
+        """Stop a queued or running request now and free its KV cache and draft
+        state; False if it is unknown or already finished."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return False
+        req.finish_reason = "abort"
+        self.telemetry.requests_aborted += 1
+        if req in self.scheduler.waiting:
+            self.scheduler.waiting.remove(req)
+        self._finish(req)
+        return True
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def stats(self) -> dict:
+        """A snapshot for monitoring: queue, KV use and the cumulative speculation figures."""
+        t, cache = self.telemetry, self.runner.cache
+        return {
+            "waiting": len(self.scheduler.waiting),
+            "running": len(self.scheduler.running),
+            "kv_slots_used": cache.num_slots - cache.free_slots,
+            "kv_slots": cache.num_slots,
+            "kv_tokens_used": sum(r.num_cached for r in self.scheduler.running),
+            "kv_tokens": self.scheduler.kv_budget,
+            "requests_added": t.requests_added,
+            "requests_finished": t.requests_finished,
+            "requests_aborted": t.requests_aborted,
+            "steps": t.steps,
+            "generated_tokens": t.generated_tokens,
+            "draft_tokens": t.draft_tokens,
+            "accepted_tokens": t.accepted_tokens,
+            "acceptance_per_position": t.acceptance_per_position,
+            "k_histogram": dict(t.k_histogram),
+            "method": self.method,
+        }
+
+    def close(self) -> None:
+        """Release what the runner holds outside this process (EP workers); idempotent."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
         """Completions of a batch of prompts (strings or token-id lists), in order,
@@ -212,7 +271,8 @@ class Engine:
             req.slot = None
         if self.proposer is not None:
             self.proposer.release(req.id)
-        self._requests.pop(req.id, None)
+        if self._requests.pop(req.id, None) is not None and req.finish_reason != "abort":
+            self.telemetry.requests_finished += 1
 
     def _propose(self, plan: list[Scheduled]) -> dict[int, Proposal]:
         wanted = [s for s in plan if s.k > 0 and not s.partial]
@@ -223,23 +283,30 @@ class Engine:
         return {s.req.id: p for s, p in zip(wanted, self.proposer.propose(inputs))}
 
     def step(self) -> list[tuple[Request, StreamChunk]]:
-        """Run one engine step; returns a StreamChunk per request that ran."""
+        """Run one engine step; returns a StreamChunk per request that ran.
+        What it measured is left in `last_step` and added to `telemetry`."""
+        t0 = time.perf_counter()
         plan = self.scheduler.schedule(self._preempt)
         if not plan:
             return []
         for s in plan:
             if s.req.slot is None:
                 s.req.slot = self.runner.cache.allocate()
+        t1 = time.perf_counter()
         proposals = self._propose(plan)
         drafts = [proposals[s.req.id].tokens[:s.k] if s.req.id in proposals else [] for s in plan]
+        t2 = time.perf_counter()
         chunks, rows = [], []
         for s, d in zip(plan, drafts):
             r = s.req
             chunks.append(Chunk(r.slot, r.num_cached, r.tokens[r.num_cached:r.num_cached + s.num_new] + d))
             rows.append(1 if s.partial else len(d) + 1)
-        logits = self.runner.run(chunks, num_logits=rows).logits
+        out = self.runner.run(chunks, num_logits=rows, routing=True)
+        logits = out.logits
         # Greedy requests need only the argmax: one host transfer for the whole batch.
         best = logits.argmax(dim=-1).tolist() if any(s.req.params.temperature == 0 for s in plan) else []
+        t3 = time.perf_counter()
+        report = StepReport(num_requests=len(plan), num_tokens=sum(len(c.tokens) for c in chunks))
         events, at = [], 0
         for s, n, d in zip(plan, rows, drafts):
             r = s.req
@@ -259,11 +326,30 @@ class Engine:
             r.stats.steps += 1
             r.stats.draft_tokens += len(d)
             r.stats.accepted_tokens += accepted
+            self.telemetry.record_verify(len(d), accepted)
+            report.k.append(len(d))
+            report.draft_tokens += len(d)
+            report.accepted_tokens += accepted
             new = self._commit(r, d[:accepted] + [nxt])
+            report.committed_tokens += len(new)
             events.append((r, StreamChunk(r.index, new, self._text_delta(r), len(d), accepted, r.finished,
                                           r.finish_reason)))
             if r.finished:
                 self._finish(r)
+        t4 = time.perf_counter()
+        if out.routing is not None:
+            report.distinct_experts = out.routing.distinct_experts
+            report.tokens_per_expert = out.routing.tokens_per_expert.tolist()
+        report.extra.update(out.extra)
+        report.phase_s = {"schedule": t1 - t0, "propose": t2 - t1, "forward": t3 - t2, "verify": t4 - t3}
+        report.step_s = t4 - t0
+        tel = self.telemetry
+        tel.steps += 1
+        tel.generated_tokens += report.committed_tokens
+        tel.draft_tokens += report.draft_tokens
+        tel.accepted_tokens += report.accepted_tokens
+        tel.step_seconds += report.step_s
+        self.last_step = report
         return events
 
     def _commit(self, r: Request, tokens: list[int]) -> list[int]:

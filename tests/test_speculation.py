@@ -191,3 +191,37 @@ def test_a_bad_prompt_in_a_batch_queues_nothing(target, plain):
     assert not eng.scheduler.has_work
     outs = eng.generate(PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True))
     assert [o.token_ids for o in outs] == [w[:8] for w in want]
+
+
+@pytest.mark.parametrize("kind", ["draft_model", "layer_skip"])
+def test_abort_frees_the_slot_and_others_finish_unchanged(kind, target, draft, plain):
+    ref_eng, want = plain
+    eng = spec_engine(kind, 3, target, draft)
+    params = SamplingParams(max_tokens=64, ignore_eos=True)
+    ids = [eng.add_request(p, params) for p in PROMPTS[:3]]
+    queued = eng.add_request(PROMPTS[3], params)       # aborted while still waiting or just admitted
+    assert eng.abort(queued)
+    outs: dict[int, list[int]] = {}
+
+    def run(steps=None):
+        n = 0
+        while eng.has_work and (steps is None or n < steps):
+            for r, chunk in eng.step():
+                outs.setdefault(r.id, []).extend(chunk.token_ids)
+            n += 1
+    run(3)
+    free_before = eng.runner.cache.free_slots
+    assert eng.abort(ids[1])
+    assert eng.runner.cache.free_slots == free_before + 1
+    assert not eng.abort(ids[1]) and not eng.abort(12345)
+    run()
+    assert queued not in outs and len(outs[ids[1]]) < 64
+    for i in (0, 2):
+        assert_same_or_near_tie(ref_eng, PROMPTS[i], want[i], outs[ids[i]])
+    st = eng.stats()
+    assert st["requests_aborted"] == 2 and st["requests_finished"] == 2 and st["running"] == 0
+    assert st["kv_slots_used"] == 0 and st["generated_tokens"] == sum(map(len, outs.values()))
+    assert 0 <= st["accepted_tokens"] <= st["draft_tokens"]
+    assert sum(st["k_histogram"].values()) >= 1
+    assert all(0.0 <= a <= 1.0 for a in st["acceptance_per_position"])
+    assert eng.last_step.step_s > 0 and set(eng.last_step.phase_s) == {"schedule", "propose", "forward", "verify"}
