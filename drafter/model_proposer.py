@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 
 from ..experts.batch import Chunk
-from ..experts.cache import KVCache
 from ..experts.checkpoint import read_checkpoint
 from ..experts.config import ModelConfig
 from ..experts.runner import ModelRunner
@@ -84,8 +83,9 @@ class ModelProposer(Proposer):
         if self.layer_ids is None and (own.num_slots, own.capacity) == (max_seqs, max_seq_len):
             self.cache = own     # a draft model's runner: its cache is the draft cache
         else:
-            self.cache = KVCache(runner.config, max_seqs, max_seq_len, runner.model.device, runner.model.dtype,
-                                 num_layers=None if self.layer_ids is None else len(self.layer_ids))
+            # Made by the runner, so under expert parallelism it lives on the workers.
+            self.cache = runner.new_cache(max_seqs, max_seq_len,
+                                          num_layers=None if self.layer_ids is None else len(self.layer_ids))
         self._seqs: dict[int, _Seq] = {}
 
     @property

@@ -140,15 +140,18 @@ def _fill(dst: torch.Tensor, parts: list, idx: _TensorIndex, param: str) -> set[
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
-               max_positions: int = 4096, dispatcher=None) -> tuple[CausalLM, Checkpoint]:
-    """Build the model for the checkpoint at `path` and load every weight."""
+               max_positions: int = 4096, dispatcher=None, experts: list[int] | None = None
+               ) -> tuple[CausalLM, Checkpoint]:
+    """Build the model for the checkpoint at `path` and load every weight; with
+    `experts` (global ids), only those routed experts are built and read."""
     ckpt = read_checkpoint(path)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
     family = BY_ARCHITECTURE.get(ckpt.config.architecture)
-    model = CausalLM(ckpt.config, dtype=dtype, device=device, max_positions=max_positions, dispatcher=dispatcher)
+    model = CausalLM(ckpt.config, dtype=dtype, device=device, max_positions=max_positions, dispatcher=dispatcher,
+                     experts=experts)
     params = model.named_weights()
     specs = family.weight_specs(ckpt.config)
     unknown = set(specs) - set(params)
@@ -162,10 +165,12 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype =
         for pname, spec in specs.items():
             dst = params[pname]
             if spec and isinstance(spec[0], list):  # stacked experts
-                if len(spec) != dst.shape[0]:
-                    raise RuntimeError(f"{pname}: {len(spec)} experts for {dst.shape[0]} rows")
-                for e, parts in enumerate(spec):
-                    used |= _fill(dst[e], parts, idx, f"{pname}[{e}]")
+                held = model.experts   # all experts, or an expert-parallel shard
+                if len(spec) != ckpt.config.moe.num_experts or len(held) != dst.shape[0]:
+                    raise RuntimeError(f"{pname}: {len(spec)} experts in the spec, {len(held)} held, "
+                                       f"{dst.shape[0]} rows")
+                for row, e in enumerate(held):
+                    used |= _fill(dst[row], spec[e], idx, f"{pname}[{e}]")
             else:
                 used |= _fill(dst, spec, idx, pname)
     extra = set(idx.where) - used

@@ -136,11 +136,15 @@ class MoE(nn.Module):
     into `stats` as device tensors, with no host sync here.
     """
 
-    def __init__(self, c: ModelConfig, layer: int, dispatcher: Dispatcher, stats: RoutingStats, dtype, device):
+    def __init__(self, c: ModelConfig, layer: int, dispatcher: Dispatcher, stats: RoutingStats, dtype, device,
+                 experts: list[int] | None = None):
+        """`experts`: the global ids of the routed experts this process holds (an
+        expert-parallel shard, in the dispatcher's local order); None holds all."""
         super().__init__()
         m, D = c.moe, c.hidden_size
         self.m, self.layer, self.dispatcher, self.stats = m, layer, dispatcher, stats
         E = m.num_experts
+        self.experts = list(range(E)) if experts is None else list(experts)
         self.router = _param(E, D, dtype=dtype, device=device)
         if m.scoring == "sigmoid":  # DeepSeek scores in float32 whatever the model dtype
             self.router_bias = _param(E, dtype=torch.float32, device=device)
@@ -149,8 +153,9 @@ class MoE(nn.Module):
                 m.renormalize, m.routed_scale)
         else:
             self.route = lambda x: routing.softmax_topk(F.linear(x, self.router), m.top_k, m.renormalize)
-        self.experts_gate_up = _param(E, 2 * m.expert_ffn, D, dtype=dtype, device=device)
-        self.experts_down = _param(E, D, m.expert_ffn, dtype=dtype, device=device)
+        E_local = len(self.experts)   # the router scores all E; only these are computed here
+        self.experts_gate_up = _param(E_local, 2 * m.expert_ffn, D, dtype=dtype, device=device)
+        self.experts_down = _param(E_local, D, m.expert_ffn, dtype=dtype, device=device)
         if m.shared_ffn:
             self.shared_gate_up = _param(2 * m.shared_ffn, D, dtype=dtype, device=device)
             self.shared_down = _param(D, m.shared_ffn, dtype=dtype, device=device)

@@ -48,7 +48,8 @@ def mla_softmax_scale(c: ModelConfig) -> float:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig, i: int, dispatcher: Dispatcher, stats: RoutingStats, dtype, device):
+    def __init__(self, c: ModelConfig, i: int, dispatcher: Dispatcher, stats: RoutingStats, dtype, device,
+                 experts: list[int] | None = None):
         super().__init__()
         self.eps = c.rms_norm_eps
         self.input_norm = _param(c.hidden_size, dtype=dtype, device=device)
@@ -56,7 +57,7 @@ class DecoderLayer(nn.Module):
         self.attn = (MLAttention(c, dtype, device, mla_softmax_scale(c)) if c.mla is not None
                      else Attention(c, dtype, device))
         if c.is_moe_layer(i):
-            self.moe = MoE(c, i, dispatcher, stats, dtype, device)
+            self.moe = MoE(c, i, dispatcher, stats, dtype, device, experts)
         else:
             self.mlp = MLP(c.hidden_size, c.intermediate_size, dtype, device)
         # A bound method, not a second registration of the module: parameter and
@@ -73,14 +74,18 @@ class CausalLM(nn.Module):
     ragged batch over the KV cache and returns hidden states (T, D)."""
 
     def __init__(self, c: ModelConfig, dtype=torch.float32, device="cpu", max_positions: int = 4096,
-                 dispatcher: Dispatcher | None = None):
+                 dispatcher: Dispatcher | None = None, experts: list[int] | None = None):
+        """`experts` (with an expert-parallel dispatcher): the global ids of the
+        routed experts this process holds; routing statistics then count the
+        tokens each of these received, in that order. None: all experts."""
         super().__init__()
         self.config, self.dtype, self.device = c, dtype, torch.device(device)
         E = c.moe.num_experts if c.moe else 0
-        self.routing_stats = RoutingStats(c.num_layers, E, device)
+        self.experts = list(range(E)) if experts is None else list(experts)
+        self.routing_stats = RoutingStats(c.num_layers, len(self.experts), device)
         dispatcher = dispatcher or LocalDispatcher(E)
         self.embed = _param(c.vocab_size, c.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(DecoderLayer(c, i, dispatcher, self.routing_stats, dtype, device)
+        self.layers = nn.ModuleList(DecoderLayer(c, i, dispatcher, self.routing_stats, dtype, device, experts)
                                     for i in range(c.num_layers))
         self.norm = _param(c.hidden_size, dtype=dtype, device=device)
         self.lm_head = self.embed if c.tie_word_embeddings else _param(c.vocab_size, c.hidden_size,

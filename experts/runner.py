@@ -35,6 +35,11 @@ class ModelRunner:
         model, ckpt = load_model(path, device=device, dtype=dtype, max_positions=max_seq_len)
         return cls(model, ckpt, max_seqs, max_seq_len)
 
+    def new_cache(self, num_slots: int, capacity: int, num_layers: int | None = None) -> KVCache:
+        """Another KV cache for this model (a self-speculative drafter's), where
+        the model lives; pass it to `run(cache=...)`."""
+        return KVCache(self.config, num_slots, capacity, self.model.device, self.model.dtype, num_layers=num_layers)
+
     def run(self, chunks: list[Chunk], all_logits: bool = False, routing: bool = False,
             num_logits: list[int] | None = None, cache: KVCache | None = None,
             layer_ids: list[int] | None = None) -> StepOutput:

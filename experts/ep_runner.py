@@ -1,0 +1,339 @@
+"""EPRunner: the router-side runner of an expert-parallel model on Ray.
+
+It has the ModelRunner interface the engine drives (`config`, `checkpoint`,
+`cache`, `model.device/dtype/max_positions`, `run`, `new_cache`) but holds no
+weights: W `EPWorker` actors (experts/ep_worker.py) in one placement group do
+the forward. Per step it encodes one `StepPlan` (msgspec), sends the same
+bytes to every worker, waits for all `StepResult`s with a deadline and
+reassembles the logits in chunk order.
+
+Start-up: placement group (PACK or SPREAD, optional custom resources per
+bundle) -> one actor per bundle -> rank 0 picks a free port on its node ->
+every rank joins the torch.distributed group there (gloo on CPU, NCCL on
+CUDA, with a collective timeout) and loads the dense weights and its experts.
+
+Failure: a worker that dies (or a step that outlives `step_timeout_s`) is
+seen by polling `ray.wait`; the runner then kills every worker (survivors may
+sit in a collective that will never complete), removes the placement group
+and raises `EPWorkerError` naming the rank; later calls raise it again.
+"""
+
+import logging
+import time
+from collections.abc import Sequence
+
+import msgspec
+import torch
+
+from .batch import Chunk
+from .checkpoint import DTYPES, read_checkpoint
+from .ep_worker import ChunkMsg, EPWorker, StepPlan, StepResult
+from .placement import Placement, balanced, contiguous
+from .runner import StepOutput
+from .stats import RoutingSnapshot
+
+log = logging.getLogger(__name__)
+
+_decode_result = msgspec.msgpack.Decoder(StepResult)
+_encode = msgspec.msgpack.Encoder()
+
+
+class EPWorkerError(RuntimeError):
+    """An expert-parallel worker died or stopped answering; the runner is unusable."""
+
+
+class EPSlots:
+    """Slot bookkeeping of a cache that lives on the workers: slot s is on rank
+    s % W. `allocate` picks a free slot on the rank holding the fewest live
+    sequences, so attention work stays spread (data-parallel attention)."""
+
+    def __init__(self, num_slots: int, capacity: int, world: int, cache_id: int = 0, num_layers: int | None = None):
+        if num_slots <= 0 or capacity <= 0:
+            raise ValueError(f"KV cache needs positive slots and capacity, got {num_slots} x {capacity}")
+        self.num_slots, self.capacity, self.W = num_slots, capacity, world
+        self.id, self.num_layers = cache_id, num_layers
+        self._free = set(range(num_slots))
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise RuntimeError(f"KV cache full: all {self.num_slots} slots are in use")
+        used = [0] * self.W
+        for s in range(self.num_slots):
+            if s not in self._free:
+                used[s % self.W] += 1
+        slot = min(self._free, key=lambda s: (used[s % self.W], s))
+        self._free.remove(slot)
+        return slot
+
+    def free(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots or slot in self._free:
+            raise ValueError(f"slot {slot} is not allocated")
+        self._free.add(slot)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def rank_of(self, slot: int) -> int:
+        return slot % self.W
+
+
+class _ModelInfo:
+    """What the engine and drafters read from `runner.model` (no weights here)."""
+
+    def __init__(self, config, device: torch.device, dtype: torch.dtype, max_positions: int):
+        self.config, self.device, self.dtype, self.max_positions = config, device, dtype, max_positions
+
+
+class EPRunner:
+    def __init__(self, path, ep: int, ray_address: str | None = None, device: str = "cpu", dtype: str = "float32",
+                 max_seqs: int = 8, max_seq_len: int = 2048, placement_strategy: str = "PACK",
+                 num_cpus_per_worker: float | None = None, bundle_resources: dict | None = None,
+                 expert_load: Sequence[float] | None = None, step_timeout_s: float = 120.0,
+                 collective_timeout_s: float = 60.0, startup_timeout_s: float = 120.0, poll_s: float = 0.2):
+        """Start `ep` workers for the checkpoint at `path`. expert_load (per
+        expert, e.g. tokens routed) switches placement from contiguous to
+        balanced. num_cpus_per_worker defaults to 1 on CUDA (plus one GPU) and to
+        an even share of the node's CPUs on CPU, capped at 1."""
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if not isinstance(ep, int) or ep < 1:
+            raise ValueError(f"ep must be an integer >= 1, got {ep!r}")
+        if placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"placement_strategy {placement_strategy!r}: expected PACK, SPREAD, STRICT_PACK or "
+                             f"STRICT_SPREAD")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPES)}")
+        self.checkpoint = read_checkpoint(path)
+        self.config = c = self.checkpoint.config
+        if c.moe is None:
+            raise ValueError(f"{path}: {c.architecture} has no routed experts; expert parallelism needs an MoE model")
+        E = c.moe.num_experts
+        if expert_load is not None:
+            if len(expert_load) != E:
+                raise ValueError(f"expert_load has {len(expert_load)} entries, the model has {E} experts")
+            self.placement = balanced(list(expert_load), ep)
+        else:
+            self.placement = contiguous(E, ep)
+        print(f"specmoe EP={ep}: {self.placement.describe()}", flush=True)
+        cuda = device.startswith("cuda")
+        local_device = torch.device(device) if not cuda or torch.cuda.is_available() else torch.device("cpu")
+        self.model = _ModelInfo(c, local_device, DTYPES[dtype], max_seq_len)
+        self.W, self.step_timeout_s, self.poll_s = ep, step_timeout_s, poll_s
+        self.cache = EPSlots(max_seqs, max_seq_len, ep)
+        self._caches = {0: self.cache}
+        self._next_cache = 1
+        self._step = 0
+        self._error: str | None = None
+        self.workers, self.pg = [], None
+
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            ray.init(address=ray_address, include_dashboard=False)
+        if num_cpus_per_worker is None:
+            num_cpus_per_worker = 1.0 if cuda else min(1.0, max(0.01, ray.cluster_resources().get("CPU", 1) / ep))
+        bundle = {"CPU": num_cpus_per_worker, **({"GPU": 1} if cuda else {}), **(bundle_resources or {})}
+        self.pg = placement_group([dict(bundle) for _ in range(ep)], strategy=placement_strategy)
+        ready, _ = ray.wait([self.pg.ready()], timeout=startup_timeout_s)
+        if not ready:
+            self.close()
+            raise EPWorkerError(f"placement group of {ep} bundles {bundle} ({placement_strategy}) could not be "
+                                f"placed within {startup_timeout_s:.0f} s; cluster resources: "
+                                f"{ray.cluster_resources()}")
+        actor = ray.remote(EPWorker)
+        threads = max(1, int(num_cpus_per_worker)) if not cuda else 1
+        enc = _encode.encode(self.placement)
+        for r in range(ep):
+            self.workers.append(actor.options(
+                num_cpus=num_cpus_per_worker, num_gpus=1 if cuda else 0, resources=bundle_resources or {},
+                max_restarts=0, max_task_retries=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
+            ).remote(str(self.checkpoint.path), r, enc, device, dtype, max_seqs, max_seq_len, threads))
+        try:
+            self.nodes = self._gather([w.node.remote() for w in self.workers], "start-up", startup_timeout_s)
+            host, port = self._gather([self.workers[0].rendezvous.remote()], "rendezvous", startup_timeout_s)[0]
+            self.worker_info = self._gather([w.init.remote(host, port, collective_timeout_s) for w in self.workers],
+                                            f"process group at {host}:{port}", startup_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        self.rendezvous = (host, port)
+
+    @classmethod
+    def from_pretrained(cls, path, ep: int = 2, ray_address: str | None = None, device: str = "cpu",
+                        dtype: str = "float32", max_seqs: int = 8, max_seq_len: int = 2048, **kwargs) -> "EPRunner":
+        return cls(path, ep, ray_address, device, dtype, max_seqs, max_seq_len, **kwargs)
+
+    # ---- failure handling ------------------------------------------------------------------------------------
+
+    def _gather(self, refs: list, what: str, timeout_s: float) -> list:
+        """Results of one call per worker (refs in rank order), polling so a dead
+        worker is seen at once; any failure stops every worker and raises."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayError
+        if self._error:
+            raise EPWorkerError(self._error)
+        index = {r: i for i, r in enumerate(refs)}
+        out, pending = [None] * len(refs), list(refs)
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=self.poll_s)
+            for ref in ready:
+                try:
+                    out[index[ref]] = ray.get(ref)
+                except RayError as e:
+                    rank = index[ref] if len(refs) == self.W else 0
+                    # A survivor's collective error can arrive before the dead rank's: name a dead one if any.
+                    dead = self._dead_ranks(pending, index)
+                    who = dead[0] if dead else rank
+                    kind = "died" if dead or isinstance(e, RayActorError) else "failed"
+                    self._fail(f"EP worker rank {who} of {self.W} {kind} during {what}: "
+                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            if pending and time.monotonic() > deadline:
+                late = sorted(index[r] for r in pending)
+                self._fail(f"EP workers {late} of {self.W} did not answer within {timeout_s:.0f} s during {what}")
+        return out
+
+    def _dead_ranks(self, pending: list, index: dict) -> list[int]:
+        import ray
+        from ray.exceptions import RayActorError
+        dead = []
+        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=min(1.0, 5 * self.poll_s))
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except RayActorError:
+                dead.append(index[ref])
+            except Exception:
+                pass
+        return sorted(dead)
+
+    def _fail(self, message: str):
+        self._error = message
+        log.error("%s; stopping all EP workers", message)
+        self._stop_workers()
+        raise EPWorkerError(message + "; all EP workers were stopped")
+
+    def _stop_workers(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+        for w in self.workers:
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception:     # already gone
+                pass
+        self.workers = []
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:
+                pass
+            self.pg = None
+
+    def close(self) -> None:
+        """Kill the workers and remove the placement group (idempotent); shuts Ray
+        down too if this runner started it."""
+        import ray
+        if not ray.is_initialized():
+            return
+        self._stop_workers()
+        if self._error is None:
+            self._error = "EP runner is closed"
+        if self._owns_ray:
+            ray.shutdown()
+            self._owns_ray = False
+
+    # ---- caches and the step ---------------------------------------------------------------------------------
+
+    def new_cache(self, num_slots: int, capacity: int, num_layers: int | None = None) -> EPSlots:
+        """Another KV cache on the workers (a layer-skip drafter's), slots spread like the main one."""
+        cid = self._next_cache
+        self._next_cache += 1
+        self._gather([w.new_cache.remote(cid, num_slots, capacity, num_layers) for w in self.workers],
+                     "new_cache", self.step_timeout_s)
+        self._caches[cid] = slots = EPSlots(num_slots, capacity, self.W, cid, num_layers)
+        return slots
+
+    def run(self, chunks: list[Chunk], all_logits: bool = False, routing: bool = False,
+            num_logits: list[int] | None = None, cache: EPSlots | None = None,
+            layer_ids: list[int] | None = None) -> StepOutput:
+        """ModelRunner.run over the workers: same arguments, same logits rows."""
+        t0 = time.perf_counter()
+        cache = cache or self.cache
+        if self._caches.get(cache.id) is not cache:
+            raise ValueError("cache was not made by this runner (use runner.new_cache)")
+        V = self.config.vocab_size
+        for c in chunks:
+            if not 0 <= c.slot < cache.num_slots:
+                raise ValueError(f"chunk slot {c.slot} outside 0..{cache.num_slots - 1}")
+            if c.start + len(c.tokens) > cache.capacity:
+                raise ValueError(f"sequence of {c.start + len(c.tokens)} tokens exceeds the cache capacity of "
+                                 f"{cache.capacity} per slot")
+            bad = [t for t in c.tokens if not 0 <= t < V]
+            if bad:
+                raise ValueError(f"token id {bad[0]} outside the vocabulary 0..{V - 1}")
+        if not chunks:
+            raise ValueError("a forward needs at least one chunk")
+        if num_logits is not None:
+            for c, n in zip(chunks, num_logits):
+                if not 1 <= n <= len(c.tokens):
+                    raise ValueError(f"num_logits {n} outside 1..{len(c.tokens)} for a chunk of {len(c.tokens)}")
+        self._step += 1
+        plan = _encode.encode(StepPlan(self._step, [ChunkMsg(c.slot, c.start, list(c.tokens)) for c in chunks],
+                                       None if num_logits is None else list(num_logits), all_logits, cache.id,
+                                       None if layer_ids is None else list(layer_ids), routing))
+        t1 = time.perf_counter()
+        raw = self._gather([w.step.remote(plan) for w in self.workers], f"step {self._step}", self.step_timeout_s)
+        t2 = time.perf_counter()
+        res = [_decode_result.decode(b) for b in raw]
+        logits = self._assemble(chunks, num_logits, all_logits, res, V)
+        out = StepOutput(logits=logits.to(self.model.device),
+                         routing=self._routing(res) if routing else None)
+        t3 = time.perf_counter()
+        out.extra.update(self._measurements(res, t3 - t0, (t1 - t0) + (t3 - t2), t2 - t1))
+        return out
+
+    def _assemble(self, chunks, num_logits, all_logits, res: list[StepResult], V: int) -> torch.Tensor:
+        """Rows per chunk in plan order, each rank's block holding its chunks in order."""
+        blocks = [torch.frombuffer(bytearray(r.logits), dtype=torch.float32).view(r.rows, V) if r.rows
+                  else None for r in res]
+        at = [0] * self.W
+        parts = []
+        for i, c in enumerate(chunks):
+            r = c.slot % self.W
+            n = len(c.tokens) if all_logits else (num_logits[i] if num_logits is not None else 1)
+            parts.append(blocks[r][at[r]:at[r] + n])
+            at[r] += n
+        return torch.cat(parts)
+
+    def _routing(self, res: list[StepResult]) -> RoutingSnapshot:
+        """Global tokens per expert: each expert's rows were counted by its owner."""
+        E = self.placement.num_experts
+        tpe = torch.zeros(self.config.num_layers, E, dtype=torch.int64)
+        for r in res:
+            held = self.placement.experts_of(r.rank)
+            tpe[:, held] = torch.tensor(r.tokens_per_expert, dtype=torch.int64).view(-1, len(held))
+        return RoutingSnapshot(tokens_per_expert=tpe, distinct_experts=(tpe > 0).sum(dim=1).tolist())
+
+    def _measurements(self, res: list[StepResult], total_s: float, router_s: float, wait_s: float) -> dict:
+        """Per rank (lists in rank order) and per MoE layer ([rank][layer])."""
+        distinct = [[sum(1 for n in layer if n) for layer in r.tokens_per_expert] for r in res]
+        slowest = max(r.forward_s for r in res)
+        return {
+            "ep": self.W,
+            "step_s": total_s,
+            "worker_s": [r.forward_s for r in res],
+            "tokens_per_rank": [r.tokens for r in res],
+            "a2a_s": [sum(r.a2a_s) for r in res],
+            "a2a_bytes": [sum(r.a2a_bytes_out) for r in res],
+            "a2a_layer_s": [r.a2a_s for r in res],
+            "a2a_layer_bytes_out": [r.a2a_bytes_out for r in res],
+            "a2a_layer_bytes_in": [r.a2a_bytes_in for r in res],
+            "expert_s": [sum(r.expert_s) for r in res],
+            "distinct_experts_per_rank": distinct,          # [rank][layer]; needs routing=True
+            "tokens_per_local_expert": [r.tokens_per_expert for r in res],
+            # Plan out + results back: the router's wall time not spent waiting for the slowest worker.
+            "control_plane_s": router_s + max(0.0, wait_s - slowest),
+        }

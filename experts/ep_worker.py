@@ -1,0 +1,171 @@
+"""The expert-parallel worker: one Ray actor per rank (per GPU; on CPU a
+process with a share of the cores), holding the dense weights, its shard of
+the routed experts (experts/placement.py) and the KV cache of the sequences
+whose slots map to it (data-parallel attention).
+
+Ownership at each stage of a step: the router (experts/ep_runner.py) owns
+sequences and slots and sends every worker the same `StepPlan`; each worker
+picks the chunks of its own slots, runs attention for them, and joins every
+MoE layer's all-to-all (with zero tokens if it has none); it answers with a
+`StepResult` holding the logits of its rows and what it measured.
+
+Messages are msgspec structs (plan in, result out); tensors travel only over
+torch.distributed inside the MoE layers.
+
+Slots: global slot s lives on rank s % W, at local slot s // W.
+"""
+
+import os
+import socket
+import time
+from datetime import timedelta
+
+import msgspec
+import torch
+
+from .batch import Chunk
+from .placement import Placement
+
+
+class ChunkMsg(msgspec.Struct, array_like=True, frozen=True):
+    slot: int                       # global slot
+    start: int
+    tokens: list[int]
+
+
+class StepPlan(msgspec.Struct, frozen=True):
+    """One step, identical for every worker."""
+    step: int
+    chunks: list[ChunkMsg]
+    num_logits: list[int] | None = None     # rows per chunk (last n), or
+    all_logits: bool = False                # every token's row, or each chunk's last
+    cache: int = 0                          # 0 = the main KV cache, else a cache from new_cache
+    layer_ids: list[int] | None = None      # a subset of layers (self-speculative drafting)
+    routing: bool = False                   # send tokens-per-expert back
+
+
+class StepResult(msgspec.Struct, frozen=True):
+    rank: int
+    logits: bytes                           # (rows, V) float32, this rank's chunks in plan order
+    rows: int
+    tokens: int                             # attention tokens this rank ran
+    forward_s: float                        # the whole step on this rank (from plan decoded to logits ready)
+    a2a_s: list[float]                      # per MoE layer: dispatch + combine seconds
+    a2a_bytes_out: list[int]                # per MoE layer: row bytes sent to other ranks
+    a2a_bytes_in: list[int]
+    expert_s: list[float]                   # per MoE layer: grouped expert compute seconds
+    tokens_per_expert: list[list[int]] = []   # (layers, E_local) rows each local expert computed
+
+
+_decode_plan = msgspec.msgpack.Decoder(StepPlan)
+_encode = msgspec.msgpack.Encoder()
+
+
+def free_port(host: str) -> int:
+    """A port the OS considers free on `host` (bind to 0, read it, release it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class EPWorker:
+    """The actor body (ep_runner wraps it with ray.remote and its resources)."""
+
+    def __init__(self, path: str, rank: int, placement: bytes, device: str, dtype: str, max_seqs: int,
+                 max_seq_len: int, num_threads: int = 1):
+        torch.set_num_threads(num_threads)
+        self.path, self.rank = path, rank
+        self.placement = msgspec.msgpack.decode(placement, type=Placement)
+        self.W = self.placement.num_ranks
+        self.device = torch.device("cuda" if device.startswith("cuda") else device)
+        self.dtype, self.max_seq_len = dtype, max_seq_len
+        self.local_slots = -(-max_seqs // self.W)         # ceil: slots s with s % W == rank, at most
+        self.runner = None
+        self.caches = {}
+
+    def node(self) -> tuple[str, str, int]:
+        """(Ray node id, the node's address as Ray knows it, pid)."""
+        import ray
+        node_id = ray.get_runtime_context().get_node_id()
+        ip = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id),
+                  ray.util.get_node_ip_address())
+        return node_id, ip, os.getpid()
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0 only: an address for the process group, chosen now on this
+        node's Ray address (127.0.0.1 when Ray was started bound to it)."""
+        host = self.node()[1]
+        return host, free_port(host)
+
+    def init(self, host: str, port: int, timeout_s: float) -> dict:
+        """Join the process group, then load the dense weights and this rank's experts."""
+        import torch.distributed as dist
+
+        from .alltoall import AllToAllDispatcher
+        from .checkpoint import load_model
+        from .runner import ModelRunner
+        t0 = time.perf_counter()
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if self.device.type == "cuda":
+            torch.cuda.set_device(0)     # Ray leaves one visible GPU per worker
+        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=self.W,
+                                timeout=timedelta(seconds=timeout_s))
+        experts = self.placement.experts_of(self.rank)
+        self.dispatcher = AllToAllDispatcher(self.placement, self.rank, self.device)
+        model, ckpt = load_model(self.path, device=str(self.device), dtype=self.dtype,
+                                 max_positions=self.max_seq_len, dispatcher=self.dispatcher, experts=experts)
+        self.model = model
+        self.runner = ModelRunner(model, ckpt, self.local_slots, self.max_seq_len)
+        self.caches = {0: self.runner.cache}
+        self.moe_layers = [i for i in range(model.config.num_layers) if model.config.is_moe_layer(i)]
+        return {"rank": self.rank, "backend": backend, "experts": experts, "load_s": time.perf_counter() - t0}
+
+    def new_cache(self, cache_id: int, num_slots: int, capacity: int, num_layers: int | None) -> int:
+        self.caches[cache_id] = self.runner.new_cache(-(-num_slots // self.W), capacity, num_layers)
+        return cache_id
+
+    def drop_cache(self, cache_id: int) -> None:
+        self.caches.pop(cache_id, None)
+
+    def step(self, plan_bytes: bytes) -> bytes:
+        t0 = time.perf_counter()
+        plan = _decode_plan.decode(plan_bytes)
+        self.dispatcher.log.reset()
+        mine = [i for i, c in enumerate(plan.chunks) if c.slot % self.W == self.rank]
+        chunks = [Chunk(plan.chunks[i].slot // self.W, plan.chunks[i].start, plan.chunks[i].tokens) for i in mine]
+        cache = self.caches[plan.cache]
+        self.model.routing_stats.reset()
+        if chunks:
+            out = self.runner.run(chunks, all_logits=plan.all_logits, cache=cache, layer_ids=plan.layer_ids,
+                                  num_logits=None if plan.num_logits is None else [plan.num_logits[i] for i in mine])
+            logits = out.logits.float().cpu().contiguous()
+        else:
+            self._idle(plan.layer_ids)
+            logits = torch.empty(0, self.model.config.vocab_size)
+        tpe = []
+        if plan.routing:
+            tpe = self.model.routing_stats.counts.cpu().tolist()
+        log = self.dispatcher.log.layers
+        res = StepResult(rank=self.rank, logits=logits.numpy().tobytes(), rows=logits.shape[0],
+                         tokens=sum(len(c.tokens) for c in chunks), forward_s=time.perf_counter() - t0,
+                         a2a_s=[x.a2a_s for x in log], a2a_bytes_out=[x.bytes_out for x in log],
+                         a2a_bytes_in=[x.bytes_in for x in log], expert_s=[x.expert_s for x in log],
+                         tokens_per_expert=tpe)
+        return _encode.encode(res)
+
+    @torch.inference_mode()
+    def _idle(self, layer_ids: list[int] | None) -> None:
+        """No sequence of this rank runs this step: still join every MoE layer
+        (routing zero tokens), so the other ranks' collectives complete and this
+        rank computes its experts on the rows they send."""
+        ids = range(self.model.config.num_layers) if layer_ids is None else layer_ids
+        x = torch.empty(0, self.model.config.hidden_size, device=self.device, dtype=self.model.dtype)
+        for i in ids:
+            layer = self.model.layers[i]
+            if hasattr(layer, "moe"):
+                layer.moe(x)
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,315 @@
+"""Expert parallelism on a real Ray runtime, gloo on CPU: EP = 1, 2, 4 give
+the single-process logits (atol 1e-5, float32) and greedy text with and
+without speculation, including steps where a rank holds no sequence; workers
+spread over two Ray nodes (ray.cluster_utils.Cluster, custom resources) give
+the same output; a killed worker is detected within 5 s and nothing hangs.
+
+One two-node Ray cluster serves the whole module (Ray start-up costs seconds)
+and is always shut down."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from specmoe import Engine, SamplingParams
+from specmoe.experts.batch import Chunk
+from specmoe.experts.placement import Placement, balanced, contiguous
+from specmoe.experts.runner import ModelRunner
+
+V = 128
+PROMPTS = [[5, 9, 17, 5, 9, 17, 5, 9], [40, 41, 42, 43, 40, 41, 42, 43, 40, 41, 3], [7, 7, 7, 7],
+           [100, 3, 100, 4, 100, 5, 100, 3, 100], [11, 22, 33, 44, 55, 66, 77, 88, 99, 11, 22, 33]]
+MAX_TOKENS = 24
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ---- placement (no Ray) -------------------------------------------------------------------------------------
+
+def test_contiguous_placement_splits_uneven_counts_and_refuses_too_many_ranks():
+    p = contiguous(10, 4)
+    assert [p.experts_of(r) for r in range(4)] == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    assert p.local_index() == [0, 1, 2, 0, 1, 2, 0, 1, 0, 1]
+    assert "rank 2: experts 6-7" in p.describe()
+    with pytest.raises(ValueError, match="at least as many experts"):
+        contiguous(2, 4)
+    with pytest.raises(ValueError, match="rank 1 holds no expert"):
+        Placement(2, [0, 0, 0])
+
+
+def test_balanced_placement_evens_out_measured_load():
+    load = [100, 90, 80, 70, 4, 3, 2, 1]              # contiguous over 2 ranks: 340 vs 10
+    p = balanced(load, 2)
+    per_rank = [sum(load[e] for e in p.experts_of(r)) for r in range(2)]
+    assert max(per_rank) - min(per_rank) <= 20, per_rank
+    assert sorted(len(p.experts_of(r)) for r in range(2)) == [4, 4]
+    with pytest.raises(ValueError, match="non-negative"):
+        balanced([1, -1], 2)
+
+
+# ---- fixtures: checkpoints, the reference, one Ray cluster --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("ep_target")
+    MixtralForCausalLM(MixtralConfig(
+        vocab_size=V, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, initializer_range=0.2,
+        eos_token_id=None, bos_token_id=0)).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def draft(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(1)
+    d = tmp_path_factory.mktemp("ep_draft")
+    LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                                 eos_token_id=None)).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory):
+    """MLA, a dense first layer, shared experts, sigmoid group-limited routing."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    torch.manual_seed(2)
+    d = tmp_path_factory.mktemp("ep_deepseek")
+    DeepseekV3ForCausalLM(DeepseekV3Config(
+        vocab_size=V, hidden_size=64, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=8, n_group=4, topk_group=2, initializer_range=0.2,
+        eos_token_id=None)).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def plain(target):
+    """The single-process engine and its greedy outputs without speculation."""
+    eng = Engine.from_pretrained(target, max_batch=8, max_seq_len=128)
+    outs = eng.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+    return eng, [o.token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """Two Ray nodes on this machine, each with one unit of the custom resource
+    `ep_node` (the SPREAD test places one worker per node with it)."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 4, "resources": {"ep_node": 1}, "include_dashboard": False})
+    cluster.add_node(num_cpus=4, resources={"ep_node": 1})
+    try:
+        ray.init(address=cluster.address, include_dashboard=False)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def runners(ray_cluster, target):
+    """EP runners of the Mixtral target by degree, started on first use and closed at the end."""
+    from specmoe.experts.ep_runner import EPRunner
+    made = {}
+
+    def get(ep: int):
+        if ep not in made:
+            made[ep] = EPRunner.from_pretrained(target, ep=ep, max_seqs=8, max_seq_len=128,
+                                                num_cpus_per_worker=0.5)
+        return made[ep]
+    yield get
+    for r in made.values():
+        r.close()
+
+
+def _assert_same_or_near_tie(eng, prompt, want, got):
+    """Equal token for token; a divergence passes only at a proven near-tie
+    (the single-process target's top-2 logit gap there below 1e-5)."""
+    if got == want:
+        return
+    i = next(j for j, (a, b) in enumerate(zip(want, got)) if a != b)
+    top2 = eng.logits(prompt + want[:i])[-1].topk(2).values
+    gap = (top2[0] - top2[1]).item()
+    assert gap < 1e-5, f"diverged at token {i}: {want[i]} vs {got[i]}, top-2 gap {gap:.3g} is no near-tie"
+
+
+# ---- logits --------------------------------------------------------------------------------------------------
+
+def _ragged_steps():
+    """A prefill of three sequences on scattered slots, then a ragged verification step."""
+    return [([Chunk(0, 0, PROMPTS[0]), Chunk(5, 0, PROMPTS[1]), Chunk(2, 0, PROMPTS[4])], None),
+            ([Chunk(0, 8, [3, 4, 5]), Chunk(5, 11, [9]), Chunk(2, 12, [1, 2, 3, 4, 5])], [3, 1, 5])]
+
+
+@pytest.mark.parametrize("ep", [1, 2, 4])
+def test_logits_and_routing_equal_single_process(ep, runners, target):
+    ref = ModelRunner.from_pretrained(target, max_seqs=8, max_seq_len=128)
+    runner = runners(ep)
+    for chunks, rows in _ragged_steps():
+        want = ref.run(chunks, all_logits=rows is None, num_logits=rows, routing=True)
+        got = runner.run(chunks, all_logits=rows is None, num_logits=rows, routing=True)
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
+        assert torch.equal(got.routing.tokens_per_expert, want.routing.tokens_per_expert)
+        x = got.extra
+        assert x["ep"] == ep and len(x["a2a_s"]) == ep
+        assert sum(x["tokens_per_rank"]) == sum(len(c.tokens) for c in chunks)
+        distinct = [sum(r[layer] for r in x["distinct_experts_per_rank"]) for layer in range(4)]
+        assert distinct == want.routing.distinct_experts
+        out_bytes = torch.tensor(x["a2a_layer_bytes_out"]).sum(dim=0)
+        in_bytes = torch.tensor(x["a2a_layer_bytes_in"]).sum(dim=0)
+        assert torch.equal(out_bytes, in_bytes)
+        assert (out_bytes == 0).all() if ep == 1 else (out_bytes > 0).all()
+    eng = Engine(runner)
+    torch.testing.assert_close(eng.logits(PROMPTS[3]), Engine(ref).logits(PROMPTS[3]), atol=1e-5, rtol=0)
+
+
+def test_deepseek_mla_shared_experts_logits_at_ep2_and_close_releases_workers(ray_cluster, deepseek):
+    import ray
+    from ray.exceptions import RayActorError
+    from ray.util import placement_group_table
+
+    from specmoe.experts.ep_runner import EPRunner, EPWorkerError
+    ref = ModelRunner.from_pretrained(deepseek, max_seqs=4, max_seq_len=64)
+    runner = EPRunner.from_pretrained(deepseek, ep=2, max_seqs=4, max_seq_len=64, num_cpus_per_worker=0.5)
+    workers, pg = list(runner.workers), runner.pg
+    try:
+        # slot 0 only: rank 1 holds no sequence and joins the MoE layers with zero tokens
+        for chunks in ([Chunk(0, 0, PROMPTS[4])], [Chunk(0, 0, PROMPTS[1]), Chunk(1, 0, PROMPTS[2])]):
+            want = ref.run(chunks, all_logits=True, routing=True)
+            got = runner.run(chunks, all_logits=True, routing=True)
+            torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
+            assert torch.equal(got.routing.tokens_per_expert, want.routing.tokens_per_expert)
+    finally:
+        runner.close()
+    for w in workers:
+        with pytest.raises(RayActorError):
+            ray.get(w.node.remote(), timeout=30)
+    assert placement_group_table(pg)["state"] == "REMOVED"
+    with pytest.raises(EPWorkerError, match="closed"):
+        runner.run([Chunk(0, 0, [1])])
+
+
+def test_a_rank_without_sequences_joins_and_bytes_match_routing(runners, target):
+    """Batch 1 at EP=2: rank 1 has no sequence, yet computes its experts for
+    rank 0's tokens; rank 0 sends exactly the rows routed to rank 1's experts."""
+    ref = ModelRunner.from_pretrained(target, max_seqs=8, max_seq_len=128)
+    runner = runners(2)
+    chunks = [Chunk(0, 0, PROMPTS[1])]
+    want = ref.run(chunks, routing=True)
+    got = runner.run(chunks, routing=True)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
+    x = got.extra
+    assert x["tokens_per_rank"] == [len(PROMPTS[1]), 0]
+    held1 = runner.placement.experts_of(1)
+    to_rank1 = want.routing.tokens_per_expert[:, held1].sum(dim=1)          # rows per layer
+    row_bytes = 64 * 4
+    assert x["a2a_layer_bytes_out"][0] == (to_rank1 * row_bytes).tolist()  # dispatch out of rank 0
+    assert x["a2a_layer_bytes_out"][1] == (to_rank1 * row_bytes).tolist()  # combine back from rank 1
+    assert [sum(layer) for layer in x["tokens_per_local_expert"][1]] == to_rank1.tolist()
+
+
+# ---- greedy generation ---------------------------------------------------------------------------------------
+
+SPECS = {"off": "off", "ngram": {"method": "ngram", "k": 3}, "layer_skip": {"method": "layer_skip", "k": 2, "layers": 2},
+         "draft_model": {"method": "draft_model", "k": 3}}
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+@pytest.mark.parametrize("kind", list(SPECS))
+def test_greedy_generation_equals_single_process(kind, ep, runners, plain, draft):
+    ref_eng, want = plain
+    spec = SPECS[kind]
+    if kind == "draft_model":
+        spec = {**spec, "draft_model": str(draft)}
+    eng = Engine(runners(ep), speculation=spec)
+    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+    outs = eng.generate(PROMPTS, params)
+    for p, w, o in zip(PROMPTS, want, outs):
+        _assert_same_or_near_tie(ref_eng, p, w, o.token_ids)
+    if kind != "off":
+        assert sum(o.stats.draft_tokens for o in outs) > 0
+    assert eng.runner.cache.free_slots == eng.runner.cache.num_slots
+
+
+def test_ragged_k_and_batch_one_steps_with_an_idle_rank(runners, plain, draft):
+    ref_eng, want = plain
+    eng = Engine(runners(2), speculation={"method": "draft_model", "k": 4, "draft_model": str(draft)})
+    ks = [{"k": 0}, "off", {"k": 2}, None, {"k": 7}]
+    outs = eng.generate(PROMPTS, [SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, speculation=s) for s in ks])
+    for p, w, o in zip(PROMPTS, want, outs):
+        _assert_same_or_near_tie(ref_eng, p, w, o.token_ids)
+    assert outs[0].stats.draft_tokens == 0 and outs[4].stats.draft_tokens > 0
+    # batch 1: every step leaves one of the two ranks without a sequence
+    idle_steps, got = 0, []
+    for chunk in eng.generate_stream([PROMPTS[2]], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)):
+        got += chunk.token_ids
+        idle_steps += 0 in eng.last_step.extra["tokens_per_rank"]
+    _assert_same_or_near_tie(ref_eng, PROMPTS[2], want[2], got)
+    assert idle_steps >= 1
+
+
+# ---- two nodes, balanced placement -----------------------------------------------------------------------------
+
+def test_two_nodes_spread_with_balanced_placement_give_the_same_output(ray_cluster, target, plain):
+    from specmoe.experts.ep_runner import EPRunner
+    ref_eng, want = plain
+    ref_eng.generate(PROMPTS[:2], SamplingParams(max_tokens=4, ignore_eos=True))
+    load = ref_eng.last_step.tokens_per_expert
+    per_expert = [sum(layer[e] for layer in load) + e * 0.01 for e in range(8)]   # measured, ties broken
+    runner = EPRunner.from_pretrained(target, ep=2, max_seqs=8, max_seq_len=128, num_cpus_per_worker=0.5,
+                                      placement_strategy="SPREAD", bundle_resources={"ep_node": 1},
+                                      expert_load=per_expert)
+    try:
+        assert len({node_id for node_id, _, _ in runner.nodes}) == 2, runner.nodes
+        assert runner.placement != contiguous(8, 2)
+        outs = Engine(runner, speculation={"method": "ngram", "k": 3}).generate(
+            PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+        for p, w, o in zip(PROMPTS, want, outs):
+            _assert_same_or_near_tie(ref_eng, p, w, o.token_ids)
+    finally:
+        runner.close()
+
+
+# ---- failure ---------------------------------------------------------------------------------------------------
+
+def test_killed_worker_is_detected_within_5s_and_nothing_hangs(ray_cluster, target):
+    import ray
+    from ray.util import placement_group_table
+
+    from specmoe.experts.ep_runner import EPRunner, EPWorkerError
+    runner = EPRunner.from_pretrained(target, ep=2, max_seqs=8, max_seq_len=128, num_cpus_per_worker=0.5,
+                                      collective_timeout_s=30)
+    pg = runner.pg
+    eng = Engine(runner)
+    killed = {}
+
+    def kill():
+        killed["at"] = time.monotonic()
+        ray.kill(runner.workers[1])
+    try:
+        eng.generate(PROMPTS[:2], SamplingParams(max_tokens=4, ignore_eos=True))      # warm: it works
+        timer = threading.Timer(0.5, kill)
+        timer.start()
+        with pytest.raises(EPWorkerError, match=r"rank 1 of 2 died") as err:
+            eng.generate(PROMPTS, SamplingParams(max_tokens=100, ignore_eos=True))     # runs well past 0.5 s
+        detected = time.monotonic() - killed["at"]
+        assert detected < 5.0, f"a killed worker was noticed after {detected:.1f} s"
+        assert "all EP workers were stopped" in str(err.value)
+        assert placement_group_table(pg)["state"] == "REMOVED"
+        t0 = time.monotonic()
+        with pytest.raises(EPWorkerError, match="rank 1"):                              # later calls fail fast
+            eng.generate([PROMPTS[0]], SamplingParams(max_tokens=2))
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        runner.close()
