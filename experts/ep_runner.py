@@ -90,11 +90,16 @@ class EPRunner:
                  max_seqs: int = 8, max_seq_len: int = 2048, placement_strategy: str = "PACK",
                  num_cpus_per_worker: float | None = None, bundle_resources: dict | None = None,
                  expert_load: Sequence[float] | None = None, step_timeout_s: float = 120.0,
-                 collective_timeout_s: float = 60.0, startup_timeout_s: float = 120.0, poll_s: float = 0.2):
+                 collective_timeout_s: float = 60.0, startup_timeout_s: float = 120.0, poll_s: float = 0.2,
+                 control: str = "actor", comm: str = "torch"):
         """Start `ep` workers for the checkpoint at `path`. expert_load (per
         expert, e.g. tokens routed) switches placement from contiguous to
         balanced. num_cpus_per_worker defaults to 1 on CUDA (plus one GPU) and to
-        an even share of the node's CPUs on CPU, capped at 1."""
+        an even share of the node's CPUs on CPU, capped at 1. control: "actor"
+        (one plain actor call per worker and step) or "compiled" (a Ray compiled
+        graph fanning the plan out over shared-memory channels: less overhead
+        per step, see docs/BENCHMARKS.md). comm: "torch" or "deepspeed" (the
+        all-to-all through deepspeed.comm; optional extra, benchmark only)."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -104,6 +109,8 @@ class EPRunner:
         if placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ValueError(f"placement_strategy {placement_strategy!r}: expected PACK, SPREAD, STRICT_PACK or "
                              f"STRICT_SPREAD")
+        if control not in ("actor", "compiled"):
+            raise ValueError(f"control {control!r}: expected 'actor' or 'compiled'")
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPES)}")
         self.checkpoint = read_checkpoint(path)
@@ -127,7 +134,7 @@ class EPRunner:
         self._next_cache = 1
         self._step = 0
         self._error: str | None = None
-        self.workers, self.pg = [], None
+        self.workers, self.pg, self._dag = [], None, None
 
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
@@ -154,12 +161,17 @@ class EPRunner:
         try:
             self.nodes = self._gather([w.node.remote() for w in self.workers], "start-up", startup_timeout_s)
             host, port = self._gather([self.workers[0].rendezvous.remote()], "rendezvous", startup_timeout_s)[0]
-            self.worker_info = self._gather([w.init.remote(host, port, collective_timeout_s) for w in self.workers],
+            self.worker_info = self._gather([w.init.remote(host, port, collective_timeout_s, comm) for w in self.workers],
                                             f"process group at {host}:{port}", startup_timeout_s)
         except BaseException:
             self.close()
             raise
         self.rendezvous = (host, port)
+        self.control = control
+        if control == "compiled":
+            from ray.dag import InputNode, MultiOutputNode
+            with InputNode() as plan:
+                self._dag = MultiOutputNode([w.step.bind(plan) for w in self.workers]).experimental_compile()
 
     @classmethod
     def from_pretrained(cls, path, ep: int = 2, ray_address: str | None = None, device: str = "cpu",
@@ -196,16 +208,42 @@ class EPRunner:
                 self._fail(f"EP workers {late} of {self.W} did not answer within {timeout_s:.0f} s during {what}")
         return out
 
-    def _dead_ranks(self, pending: list, index: dict) -> list[int]:
+    def _gather_compiled(self, refs: list, what: str, timeout_s: float) -> list:
+        """_gather for a compiled graph's outputs (one CompiledDAGRef per rank).
+        A CompiledDAGRef can be read once only, so each is read with the whole
+        remaining deadline: a dead actor makes the graph's monitor tear it down,
+        which ends the read with an error at once."""
+        from ray.exceptions import RayChannelTimeoutError
+        out = []
+        deadline = time.monotonic() + timeout_s
+        for i, ref in enumerate(refs):
+            try:
+                out.append(ref.get(timeout=max(0.0, deadline - time.monotonic())))
+            except RayChannelTimeoutError:
+                dead = self._dead_ranks([w.node.remote() for w in self.workers], None)
+                if dead:
+                    self._fail(f"EP worker rank {dead[0]} of {self.W} died during {what}")
+                self._fail(f"EP worker rank {i} of {self.W} did not answer within {timeout_s:.0f} s during {what}")
+            except Exception as e:
+                dead = self._dead_ranks([w.node.remote() for w in self.workers], None)
+                who = dead[0] if dead else i
+                self._fail(f"EP worker rank {who} of {self.W} {'died' if dead else 'failed'} during {what}: "
+                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return out
+
+    def _dead_ranks(self, pending: list, index: dict | None) -> list[int]:
+        """Ranks whose actor is dead among `pending` refs (index: ref -> rank; None: refs in rank order)."""
         import ray
         from ray.exceptions import RayActorError
         dead = []
+        if not pending:
+            return dead
         ready, _ = ray.wait(pending, num_returns=len(pending), timeout=min(1.0, 5 * self.poll_s))
         for ref in ready:
             try:
                 ray.get(ref)
             except RayActorError:
-                dead.append(index[ref])
+                dead.append(index[ref] if index is not None else pending.index(ref))
             except Exception:
                 pass
         return sorted(dead)
@@ -216,15 +254,30 @@ class EPRunner:
         self._stop_workers()
         raise EPWorkerError(message + "; all EP workers were stopped")
 
-    def _stop_workers(self) -> None:
+    def _stop_workers(self, failed: bool = True) -> None:
+        """Kill every worker and remove the placement group. After a failure the
+        workers are killed first (survivors may sit in a collective that will not
+        complete); on a clean close a compiled graph is torn down first."""
         import ray
         from ray.util.placement_group import remove_placement_group
+        dag, self._dag = self._dag, None
+        if dag is not None and not failed:
+            try:
+                dag.teardown()
+            except Exception:
+                pass
+            dag = None
         for w in self.workers:
             try:
                 ray.kill(w, no_restart=True)
             except Exception:     # already gone
                 pass
         self.workers = []
+        if dag is not None:
+            try:
+                dag.teardown()
+            except Exception:
+                pass
         if self.pg is not None:
             try:
                 remove_placement_group(self.pg)
@@ -238,7 +291,7 @@ class EPRunner:
         import ray
         if not ray.is_initialized():
             return
-        self._stop_workers()
+        self._stop_workers(failed=self._error is not None)
         if self._error is None:
             self._error = "EP runner is closed"
         if self._owns_ray:
@@ -285,7 +338,13 @@ class EPRunner:
                                        None if num_logits is None else list(num_logits), all_logits, cache.id,
                                        None if layer_ids is None else list(layer_ids), routing))
         t1 = time.perf_counter()
-        raw = self._gather([w.step.remote(plan) for w in self.workers], f"step {self._step}", self.step_timeout_s)
+        if self._error:
+            raise EPWorkerError(self._error)
+        if self._dag is not None:
+            raw = self._gather_compiled(self._dag.execute(plan), f"step {self._step}", self.step_timeout_s)
+        else:
+            raw = self._gather([w.step.remote(plan) for w in self.workers], f"step {self._step}",
+                               self.step_timeout_s)
         t2 = time.perf_counter()
         res = [_decode_result.decode(b) for b in raw]
         logits = self._assemble(chunks, num_logits, all_logits, res, V)

@@ -97,8 +97,10 @@ class EPWorker:
         host = self.node()[1]
         return host, free_port(host)
 
-    def init(self, host: str, port: int, timeout_s: float) -> dict:
-        """Join the process group, then load the dense weights and this rank's experts."""
+    def init(self, host: str, port: int, timeout_s: float, comm: str = "torch") -> dict:
+        """Join the process group, then load the dense weights and this rank's
+        experts. comm: "torch" (torch.distributed) or "deepspeed" (deepspeed.comm
+        over the same group; the optional extra, for the benchmark's comparison)."""
         import torch.distributed as dist
 
         from .alltoall import AllToAllDispatcher
@@ -111,14 +113,24 @@ class EPWorker:
         dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=self.W,
                                 timeout=timedelta(seconds=timeout_s))
         experts = self.placement.experts_of(self.rank)
-        self.dispatcher = AllToAllDispatcher(self.placement, self.rank, self.device)
+        wrapper = None
+        if comm == "deepspeed":
+            import deepspeed.comm as dscomm
+
+            from .alltoall import DeepSpeedComm
+            dscomm.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                    dist_init_required=False)
+            wrapper = DeepSpeedComm()
+        elif comm != "torch":
+            raise ValueError(f"comm {comm!r}: expected 'torch' or 'deepspeed'")
+        self.dispatcher = AllToAllDispatcher(self.placement, self.rank, self.device, comm=wrapper)
         model, ckpt = load_model(self.path, device=str(self.device), dtype=self.dtype,
                                  max_positions=self.max_seq_len, dispatcher=self.dispatcher, experts=experts)
         self.model = model
         self.runner = ModelRunner(model, ckpt, self.local_slots, self.max_seq_len)
         self.caches = {0: self.runner.cache}
         self.moe_layers = [i for i in range(model.config.num_layers) if model.config.is_moe_layer(i)]
-        return {"rank": self.rank, "backend": backend, "experts": experts, "load_s": time.perf_counter() - t0}
+        return {"rank": self.rank, "backend": backend, "comm": comm, "experts": experts, "load_s": time.perf_counter() - t0}
 
     def new_cache(self, cache_id: int, num_slots: int, capacity: int, num_layers: int | None) -> int:
         self.caches[cache_id] = self.runner.new_cache(-(-num_slots // self.W), capacity, num_layers)

@@ -259,6 +259,36 @@ def test_ragged_k_and_batch_one_steps_with_an_idle_rank(runners, plain, draft):
     assert idle_steps >= 1
 
 
+def test_engine_from_pretrained_ep_and_compiled_graph_control(ray_cluster, target, plain):
+    """The public entry point (joins the running Ray), and the compiled-graph control plane."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    from specmoe.experts.ep_runner import EPRunner
+    ref_eng, want = plain
+    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+    eng = Engine.from_pretrained(target, ep=2, max_batch=8, max_seq_len=128, speculation={"method": "ngram", "k": 3})
+    workers = list(eng.runner.workers)
+    try:
+        outs = eng.generate(PROMPTS[:3], params)
+    finally:
+        eng.close()
+    for p, w, o in zip(PROMPTS, want, outs):
+        _assert_same_or_near_tie(ref_eng, p, w, o.token_ids)
+    with pytest.raises(RayActorError):
+        ray.get(workers[0].node.remote(), timeout=30)
+    runner = EPRunner.from_pretrained(target, ep=2, max_seqs=8, max_seq_len=128, num_cpus_per_worker=0.5,
+                                      control="compiled")
+    try:
+        eng = Engine(runner, speculation={"method": "layer_skip", "k": 2, "layers": 2})
+        outs = eng.generate(PROMPTS, params)
+        assert eng.last_step.extra["control_plane_s"] >= 0
+    finally:
+        runner.close()
+    for p, w, o in zip(PROMPTS, want, outs):
+        _assert_same_or_near_tie(ref_eng, p, w, o.token_ids)
+
+
 # ---- two nodes, balanced placement -----------------------------------------------------------------------------
 
 def test_two_nodes_spread_with_balanced_placement_give_the_same_output(ray_cluster, target, plain):
@@ -283,13 +313,14 @@ def test_two_nodes_spread_with_balanced_placement_give_the_same_output(ray_clust
 
 # ---- failure ---------------------------------------------------------------------------------------------------
 
-def test_killed_worker_is_detected_within_5s_and_nothing_hangs(ray_cluster, target):
+@pytest.mark.parametrize("control", ["actor", "compiled"])
+def test_killed_worker_is_detected_within_5s_and_nothing_hangs(control, ray_cluster, target):
     import ray
     from ray.util import placement_group_table
 
     from specmoe.experts.ep_runner import EPRunner, EPWorkerError
     runner = EPRunner.from_pretrained(target, ep=2, max_seqs=8, max_seq_len=128, num_cpus_per_worker=0.5,
-                                      collective_timeout_s=30)
+                                      collective_timeout_s=30, control=control)
     pg = runner.pg
     eng = Engine(runner)
     killed = {}
@@ -304,6 +335,7 @@ def test_killed_worker_is_detected_within_5s_and_nothing_hangs(ray_cluster, targ
         with pytest.raises(EPWorkerError, match=r"rank 1 of 2 died") as err:
             eng.generate(PROMPTS, SamplingParams(max_tokens=100, ignore_eos=True))     # runs well past 0.5 s
         detected = time.monotonic() - killed["at"]
+        print(f"[{control}] killed worker noticed after {detected:.2f} s")
         assert detected < 5.0, f"a killed worker was noticed after {detected:.1f} s"
         assert "all EP workers were stopped" in str(err.value)
         assert placement_group_table(pg)["state"] == "REMOVED"

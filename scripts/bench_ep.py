@@ -1,0 +1,197 @@
+"""Expert-parallel decode step: time breakdown at EP 1/2/4, control-plane
+overhead (plain actor calls vs a Ray compiled graph), and the all-to-all
+through plain torch.distributed vs deepspeed.comm.
+
+    .venv/bin/python scripts/bench_ep.py [--model DIR] [--ep 1,2,4] [--batch 1,4,16,64]
+        [--steps 20] [--prompt-len 32] [--control actor,compiled] [--comm torch,deepspeed]
+        [--cpus-per-worker 0.5] [--json PATH]
+
+--model defaults to moe-bench (scripts/make_moe_bench.py; built into
+.cache/moe-bench when missing). Every configuration (EP degree x control x
+comm) is an EPRunner started once, all at the same time on one local Ray; the
+embedded single-process ModelRunner is the baseline. For each batch size B every
+configuration prefills B random prompts of --prompt-len tokens (untimed), then
+the timed decode steps run INTERLEAVED: step i of every configuration before
+step i + 1 of any, so machine noise hits all alike. Each step feeds one random
+token per sequence through runner.run (the engine's call), and reads:
+
+- step: the router's wall time of run();
+- control plane: step minus the slowest worker's own time (plan encode/send,
+  results back and decode, logits assembly);
+- on the slowest worker: all-to-all (dispatch + combine, the permutations
+  around the three collectives included), experts (grouped expert compute
+  between dispatch and combine), and attention + dense (the rest: embedding,
+  attention, norms, router, LM head).
+
+Figures are medians over steps. On a CPU box the ranks share the cores, so EP
+does not speed anything up here; the point is the breakdown and the overheads.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+class Config:
+    def __init__(self, name, runner, embedded=False):
+        self.name, self.runner, self.embedded = name, runner, embedded
+        self.rows = {}         # batch -> list of per-step dicts
+
+    def prefill(self, prompts):
+        from specmoe.experts.batch import Chunk
+        self.slots = [self.runner.cache.allocate() for _ in prompts]
+        for s, p in zip(self.slots, prompts):
+            self.runner.run([Chunk(s, 0, p)])
+        self.pos = len(prompts[0])
+
+    def release(self):
+        for s in self.slots:
+            self.runner.cache.free(s)
+
+    def step(self, tokens, B):
+        from specmoe.experts.batch import Chunk
+        chunks = [Chunk(s, self.pos, [t]) for s, t in zip(self.slots, tokens)]
+        t0 = time.perf_counter()
+        out = self.runner.run(chunks, routing=True)
+        dt = time.perf_counter() - t0
+        self.pos += 1
+        row = {"step_s": dt}
+        x = out.extra
+        if x:
+            r = max(range(x["ep"]), key=lambda i: x["worker_s"][i])      # the slowest rank: the critical path
+            row.update(control_s=x["control_plane_s"], a2a_s=x["a2a_s"][r], expert_s=x["expert_s"][r],
+                       attn_dense_s=x["worker_s"][r] - x["a2a_s"][r] - x["expert_s"][r],
+                       a2a_bytes=sum(x["a2a_bytes"]),
+                       distinct=med([sum(r_[li] for r_ in x["distinct_experts_per_rank"])
+                                     for li in range(len(x["distinct_experts_per_rank"][0]))]))
+        self.rows.setdefault(B, []).append(row)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=str(ROOT / ".cache" / "moe-bench"))
+    ap.add_argument("--ep", default="1,2,4")
+    ap.add_argument("--batch", default="1,4,16,64")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--control", default="actor,compiled")
+    ap.add_argument("--comm", default="torch,deepspeed")
+    ap.add_argument("--cpus-per-worker", type=float, default=0.5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    eps = [int(x) for x in a.ep.split(",")]
+    batches = [int(x) for x in a.batch.split(",")]
+    controls, comms = a.control.split(","), a.comm.split(",")
+    if "deepspeed" in comms:
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            print("deepspeed not installed (pip install 'specmoe[deepspeed]'): comparing torch only")
+            comms = [c for c in comms if c != "deepspeed"]
+    model = Path(a.model)
+    if not (model / "config.json").exists():
+        from make_moe_bench import build_checkpoint
+        build_checkpoint(model)
+
+    import ray
+
+    from specmoe.experts.ep_runner import EPRunner
+    from specmoe.experts.runner import ModelRunner
+    max_seqs = max(batches)
+    max_len = a.prompt_len + a.warmup + a.steps + 1
+    print("command:", " ".join(shlex.quote(x) for x in [".venv/bin/python", "scripts/bench_ep.py", *sys.argv[1:]]))
+    print(f"machine: {os.cpu_count()} cores, {cpu_model()}, device {a.device}, torch {torch.__version__}, "
+          f"ray {ray.__version__}; load average {os.getloadavg()[0]:.2f}")
+    ray.init(num_cpus=max(4, int(max(eps) * a.cpus_per_worker * len(controls) * len(comms) + 1)),
+             include_dashboard=False, logging_level="ERROR")
+    configs = [Config("embedded", ModelRunner.from_pretrained(model, device=a.device, max_seqs=max_seqs,
+                                                              max_seq_len=max_len), embedded=True)]
+    try:
+        for ep in eps:
+            for control in controls:
+                for comm in comms:
+                    if comm == "deepspeed" and (ep == 1 or control != controls[0]):
+                        continue      # the comm comparison needs an all-to-all; one control plane is enough
+                    r = EPRunner.from_pretrained(model, ep=ep, device=a.device, max_seqs=max_seqs,
+                                                 max_seq_len=max_len, num_cpus_per_worker=a.cpus_per_worker,
+                                                 control=control, comm=comm)
+                    configs.append(Config(f"EP={ep} {control}" + (f" {comm}" if comm != "torch" else ""), r))
+        V = configs[0].runner.config.vocab_size
+        g = torch.Generator().manual_seed(0)
+        for B in batches:
+            prompts = torch.randint(0, V, (B, a.prompt_len), generator=g).tolist()
+            for c in configs:
+                c.prefill(prompts)
+            for i in range(a.warmup + a.steps):
+                toks = torch.randint(0, V, (B,), generator=g).tolist()
+                for c in configs:
+                    c.step(toks, B)
+                    if i < a.warmup:
+                        c.rows[B].pop()
+            for c in configs:
+                c.release()
+        report(configs, batches)
+        if a.json:
+            Path(a.json).write_text(json.dumps({c.name: c.rows for c in configs}, indent=1))
+    finally:
+        for c in configs:
+            getattr(c.runner, "close", lambda: None)()
+        ray.shutdown()
+
+
+def report(configs, batches):
+    print("\nmedian ms per decode step (slowest rank's breakdown); a2a KiB = all-to-all bytes over all ranks")
+    print(f"{'config':<24}{'B':>4}{'step':>9}{'ctrl':>8}{'a2a':>8}{'experts':>9}{'attn+dense':>11}"
+          f"{'a2a KiB':>9}{'distinct':>9}{'x embedded':>11}")
+    for B in batches:
+        base = med([r["step_s"] for r in configs[0].rows[B]])
+        for c in configs:
+            rows = c.rows[B]
+            f = {k: med([r[k] for r in rows]) for k in rows[0]}
+            ms = lambda k: f"{1e3 * f[k]:.2f}" if k in f else "-"  # noqa: E731
+            kib = f"{f['a2a_bytes'] / 1024:.0f}" if "a2a_bytes" in f else "-"
+            dist = f"{f['distinct']:.1f}" if "distinct" in f else "-"
+            print(f"{c.name:<24}{B:>4}{ms('step_s'):>9}{ms('control_s'):>8}{ms('a2a_s'):>8}{ms('expert_s'):>9}"
+                  f"{ms('attn_dense_s'):>11}{kib:>9}{dist:>9}{f['step_s'] / base:>11.2f}")
+    print("\ncontrol plane per step, median over all batches (goal <= 1 ms):")
+    for c in configs[1:]:
+        cp = [r["control_s"] for B in batches for r in c.rows[B]]
+        print(f"  {c.name:<24}{1e3 * med(cp):.3f} ms  (p90 {1e3 * sorted(cp)[int(0.9 * len(cp))]:.3f} ms)")
+    ds = [c for c in configs if c.name.endswith("deepspeed")]
+    for d in ds:
+        ref = next(c for c in configs if c.name == d.name.replace(" deepspeed", ""))
+        print(f"all-to-all time {d.name} / {ref.name}: " + ", ".join(
+            f"B={B} {med([r['a2a_s'] for r in d.rows[B]]) / med([r['a2a_s'] for r in ref.rows[B]]):.2f}"
+            for B in batches))
+
+
+if __name__ == "__main__":
+    main()
