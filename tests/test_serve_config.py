@@ -1,0 +1,73 @@
+"""Serving configuration: YAML and TOML into one frozen msgspec tree, flags
+override it, unknown keys and bad values are errors naming the key."""
+
+import msgspec
+import pytest
+
+from specmoe.cluster.cli import main
+from specmoe.cluster.config import ConfigError, ServeConfig, load_config
+
+
+def test_defaults_bind_loopback_and_speculate_auto():
+    cfg = load_config()
+    assert cfg.server.host == "127.0.0.1" and cfg.server.token is None and cfg.server.tls_cert is None
+    assert cfg.engine.model is None and cfg.engine.speculation == "auto" and cfg.engine.ep == 1
+    with pytest.raises(AttributeError):
+        cfg.server.port = 1   # frozen
+
+
+def test_yaml_and_toml_give_the_same_tree(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("server:\n  port: 6000\n  token: s3cret\nengine:\n  max_batch: 4\n  speculation: {method: ngram, k: 2}\n"
+                 "ray:\n  address: auto\n")
+    t = tmp_path / "c.toml"
+    t.write_text('[server]\nport = 6000\ntoken = "s3cret"\n[engine]\nmax_batch = 4\n'
+                 '[engine.speculation]\nmethod = "ngram"\nk = 2\n[ray]\naddress = "auto"\n')
+    a, b = load_config(y), load_config(t)
+    assert a == b
+    assert a.server.port == 6000 and a.engine.max_batch == 4 and a.engine.speculation == {"method": "ngram", "k": 2}
+    assert msgspec.json.decode(msgspec.json.encode(a), type=ServeConfig) == a   # what the router actor receives
+
+
+def test_flags_override_the_file_and_none_leaves_it(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("server:\n  port: 6000\n  host: 0.0.0.0\n")
+    cfg = load_config(y, {"server.port": 7000, "server.host": None, "engine.ep": 2})
+    assert cfg.server.port == 7000 and cfg.server.host == "0.0.0.0" and cfg.engine.ep == 2
+
+
+@pytest.mark.parametrize("text, key", [
+    ("server:\n  prot: 1\n", "server.prot"),
+    ("engine:\n  max_batchh: 1\n", "engine.max_batchh"),
+    ("serverr:\n  port: 1\n", "serverr"),
+])
+def test_unknown_key_is_an_error_naming_it(tmp_path, text, key):
+    y = tmp_path / "c.yaml"
+    y.write_text(text)
+    with pytest.raises(ConfigError, match=f"unknown key '{key}'"):
+        load_config(y)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("server:\n  port: 70000\n", "server.port"),
+    ("server:\n  tls_cert: a.pem\n", "tls_key"),
+    ("engine:\n  speculation: magic\n", "engine.speculation"),
+    ("engine:\n  ep: 0\n", "engine.ep"),
+    ("server:\n  port: eighty\n", "port"),
+])
+def test_bad_values_name_the_key(tmp_path, text, words):
+    y = tmp_path / "c.yaml"
+    y.write_text(text)
+    with pytest.raises(ConfigError, match=words):
+        load_config(y)
+
+
+def test_serve_cli_refuses_a_bad_config_before_starting_anything(tmp_path, capsys):
+    y = tmp_path / "c.yaml"
+    y.write_text("server:\n  prot: 1\n")
+    assert main(["serve", "--config", str(y)]) == 2
+    assert "unknown key 'server.prot'" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path / "nope")]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err
+    assert main(["serve", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
