@@ -26,6 +26,7 @@ from ..experts.checkpoint import bundled_model
 from ..experts.runner import ModelRunner
 from ..kernels.sampling import probs_from_logits
 from ..kernels.verify import accept_greedy, verify_sampling
+from .controller import Controller
 from .params import SamplingParams, SpeculationConfig, parse_speculation
 from .request import Completion, CompletionStats, Request, StreamChunk
 from .scheduler import Scheduled, Scheduler
@@ -70,6 +71,12 @@ class Engine:
         self._requests: dict[int, Request] = {}
         self.telemetry = Telemetry()
         self.last_step = StepReport()
+        self.controller: Controller | None = None
+        m = self.config.moe
+        itemsize = getattr(getattr(getattr(runner, "model", None), "dtype", None), "itemsize", 4)
+        self._expert_bytes = 3 * self.config.hidden_size * m.expert_ffn * itemsize if m else 0
+        if self.speculation.auto and self.proposer is not None:
+            self.controller = Controller(runner, self.proposer, k_max=self.speculation.k)
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu", dtype: str = "float32",
@@ -117,14 +124,24 @@ class Engine:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
-    def _request_k(self, params: SamplingParams) -> int:
-        """Draft tokens per step for a request: the engine's k, 0 for "off", or
-        {"k": n} (optionally naming the engine's own method)."""
+    def _request_k(self, params: SamplingParams) -> tuple[int, bool]:
+        """(draft tokens per step, whether the controller chooses them) for a
+        request: the engine's setting, 0 for "off", the controller for "auto"
+        (k up to the engine's k), or a fixed {"k": n} (optionally naming the
+        engine's own method)."""
         spec = params.speculation
-        if spec is None or spec == "auto":
-            return self.speculation.k if self.proposer is not None else 0
+        if spec is None:
+            if self.proposer is None:
+                return 0, False
+            return self.speculation.k, self.controller is not None
         if spec == "off":
-            return 0
+            return 0, False
+        if spec == "auto":
+            if self.proposer is None:
+                return 0, False            # nothing to draft with: auto means off
+            if self.controller is None:    # an engine with a fixed k: start the controller now
+                self.controller = Controller(self.runner, self.proposer, k_max=max(self.speculation.k, 1))
+            return self.controller.k_max, True
         unknown = set(spec) - {"k", "method"}
         if unknown:
             raise ValueError(f"request speculation {spec!r}: unknown keys {sorted(unknown)} (allowed: k, method)")
@@ -134,7 +151,7 @@ class Engine:
         k = spec.get("k", self.speculation.k)
         if not isinstance(k, int) or not 0 <= k <= 64:
             raise ValueError(f"request speculation k must be an integer in 0..64, got {k!r}")
-        return k
+        return k, False
 
     # ---- public API -----------------------------------------------------------------------------------------
 
@@ -157,12 +174,13 @@ class Engine:
                              f"max_seq_len {cap}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer.json in the checkpoint")
-        k = self._request_k(params)
+        k, auto = self._request_k(params)
         gen = None
         if params.temperature > 0:
             gen = torch.Generator(device=self.runner.model.device).manual_seed(  # where the probs live
                 params.seed if params.seed is not None else random.getrandbits(63))
-        return Request(next(self._ids), index, ids, params, k, gen, stats=CompletionStats(prompt_tokens=len(ids)))
+        return Request(next(self._ids), index, ids, params, k, gen, stats=CompletionStats(prompt_tokens=len(ids)),
+                       auto=auto)
 
     def _queue(self, req: Request) -> None:
         self._requests[req.id] = req
@@ -212,6 +230,12 @@ class Engine:
             "acceptance_per_position": t.acceptance_per_position,
             "k_histogram": dict(t.k_histogram),
             "method": self.method,
+            # expert work: routed rows per distinct expert loaded, and expert weight bytes per committed token
+            "expert_reuse": t.expert_rows / t.experts_loaded if t.experts_loaded else None,
+            "expert_bytes_per_token": (t.experts_loaded * self._expert_bytes / t.generated_tokens
+                                       if t.generated_tokens and t.experts_loaded else None),
+            **(self.controller.stats() if self.controller is not None else
+               {"cost_model_mape": None, "controller_fallback": False, "controller_overhead": None}),
         }
 
     def close(self) -> None:
@@ -271,6 +295,8 @@ class Engine:
             req.slot = None
         if self.proposer is not None:
             self.proposer.release(req.id)
+        if self.controller is not None:
+            self.controller.forget(req.id)
         if self._requests.pop(req.id, None) is not None and req.finish_reason != "abort":
             self.telemetry.requests_finished += 1
 
@@ -292,6 +318,11 @@ class Engine:
         for s in plan:
             if s.req.slot is None:
                 s.req.slot = self.runner.cache.allocate()
+        ctl = self.controller
+        if ctl is not None and any(s.req.auto for s in plan):
+            ctl.plan(plan, lambda s: s.req.auto)
+        else:
+            ctl = None
         t1 = time.perf_counter()
         proposals = self._propose(plan)
         drafts = [proposals[s.req.id].tokens[:s.k] if s.req.id in proposals else [] for s in plan]
@@ -307,7 +338,7 @@ class Engine:
         best = logits.argmax(dim=-1).tolist() if any(s.req.params.temperature == 0 for s in plan) else []
         t3 = time.perf_counter()
         report = StepReport(num_requests=len(plan), num_tokens=sum(len(c.tokens) for c in chunks))
-        events, at = [], 0
+        events, results, at = [], [], 0
         for s, n, d in zip(plan, rows, drafts):
             r = s.req
             block, ids, at = logits[at:at + n], best[at:at + n], at + n
@@ -327,6 +358,7 @@ class Engine:
             r.stats.draft_tokens += len(d)
             r.stats.accepted_tokens += accepted
             self.telemetry.record_verify(len(d), accepted)
+            results.append((r.id, s.k, accepted, r.auto))
             report.k.append(len(d))
             report.draft_tokens += len(d)
             report.accepted_tokens += accepted
@@ -340,9 +372,18 @@ class Engine:
         if out.routing is not None:
             report.distinct_experts = out.routing.distinct_experts
             report.tokens_per_expert = out.routing.tokens_per_expert.tolist()
+            self.telemetry.experts_loaded += sum(report.distinct_experts)
+            self.telemetry.expert_rows += int(out.routing.tokens_per_expert.sum())
         report.extra.update(out.extra)
         report.phase_s = {"schedule": t1 - t0, "propose": t2 - t1, "forward": t3 - t2, "verify": t4 - t3}
         report.step_s = t4 - t0
+        if ctl is not None:
+            plan_s = ctl._decision.plan_s if ctl._decision else 0.0
+            report.phase_s["plan"] = plan_s
+            report.phase_s["schedule"] -= plan_s
+            ctl.observe(results, [len(c.tokens) for c in chunks], [len(d) for d in drafts],
+                        target_s=report.step_s - (t2 - t1) - plan_s, draft_s=t2 - t1, step_s=report.step_s,
+                        distinct=report.distinct_experts or None)
         tel = self.telemetry
         tel.steps += 1
         tel.generated_tokens += report.committed_tokens

@@ -8,8 +8,8 @@ METHODS = ("ngram", "draft_model", "layer_skip")   # what the serving API may na
 
 class SpeculationConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     method: str = "off"             # off | ngram | draft_model | layer_skip
-    k: int = 4                      # draft tokens per step (the most "auto" may use)
-    auto: bool = False              # "auto": the controller picks k per step (until it exists: fixed k)
+    k: int = 4                      # draft tokens per step (with auto: the most the controller may choose)
+    auto: bool = False              # the controller picks k per step and request (0..k) from its cost model
     draft_model: str | None = None  # draft_model: path of a checkpoint with the target's vocabulary
     layers: int | list[int] | None = None  # layer_skip: the first L' layers, or an explicit subset
     min_n: int = 1                  # ngram: shortest suffix matched
@@ -31,13 +31,17 @@ class SpeculationConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
         return self.method != "off" and self.k > 0
 
 
+AUTO_K_MAX = 8
+
+
 def parse_speculation(spec) -> SpeculationConfig:
-    """'off', 'auto' (n-gram drafting with the default k until the controller
-    exists), a dict of SpeculationConfig fields, or a SpeculationConfig."""
+    """'off', 'auto' (n-gram drafting, the controller choosing k in 0..8 per
+    step and request), a dict of SpeculationConfig fields (add "auto": true to
+    let the controller choose up to "k"), or a SpeculationConfig."""
     if spec is None or spec == "off":
         return SpeculationConfig()
     if spec == "auto":
-        return SpeculationConfig(method="ngram", auto=True)
+        return SpeculationConfig(method="ngram", k=AUTO_K_MAX, auto=True)
     if isinstance(spec, SpeculationConfig):
         return spec
     if isinstance(spec, dict):
@@ -57,7 +61,7 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stop: tuple[str, ...] = ()      # strings that end the output (not included in the text)
     stop_token_ids: tuple[int, ...] = ()  # token ids that end the output (kept in token_ids)
     ignore_eos: bool = False        # keep going past end-of-sequence tokens
-    speculation: str | dict | None = None  # None: the engine's; "off"; "auto"; {"k": n} (engine's method)
+    speculation: str | dict | None = None  # None: the engine's; "off"; "auto" (controller); {"k": n} (fixed)
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:

@@ -49,7 +49,7 @@ class Request:
     index: int
     prompt: list[int]
     params: SamplingParams
-    k: int                          # draft tokens per step for this request (0: no speculation)
+    k: int                          # draft tokens per step for this request (0: no speculation); auto: the cap
     generator: torch.Generator | None
     output: list[int] = field(default_factory=list)
     num_cached: int = 0             # tokens of prompt + output in the target KV cache
@@ -57,6 +57,7 @@ class Request:
     text: str = ""                  # decoded output (stop strings already cut)
     emitted: int = 0                # characters of text already streamed
     finish_reason: str | None = None
+    auto: bool = False              # the controller chooses k each step (up to k)
     stats: CompletionStats = field(default_factory=CompletionStats)
 
     @property

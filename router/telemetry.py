@@ -39,6 +39,8 @@ class Telemetry:
     accepted_per_position: list[int] = field(default_factory=list)  # [i]: of which accepted
     k_histogram: Counter = field(default_factory=Counter)          # chosen k -> times (per request-step)
     step_seconds: float = 0.0
+    expert_rows: int = 0            # routed (token, expert) rows, summed over MoE layers and steps
+    experts_loaded: int = 0         # distinct experts per MoE layer, summed over layers and steps
 
     def record_verify(self, drafted: int, accepted: int) -> None:
         """One request's verification: positions 0..accepted-1 accepted, `accepted` rejected (if drafted)."""

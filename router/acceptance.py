@@ -1,0 +1,114 @@
+"""Acceptance estimates per request and per draft position.
+
+Draft position j (0-based) is verified only when positions 0..j-1 were all
+accepted, so what a verification of d drafts with a accepted tells is:
+positions 0..a-1 accepted, position a rejected (if a < d), nothing beyond.
+Each estimate is therefore the conditional acceptance P(accept j | 0..j-1
+accepted), exactly the factor the value of drafting multiplies in:
+
+    v_i(k) = 1 + sum_{j<k} prod_{m<=j} a_{i,m}
+
+Global per-position curve: Beta counts with a slow decay (the workload
+drifts); the prior of position j is the estimate of position j-1 (position 0:
+`prior_mean`), so a deep position seen rarely borrows from the shallower ones
+instead of staying wherever two unlucky draws left it, which would stop the
+plan from ever drafting that deep again. Per request: Beta-Bernoulli with the
+global curve as prior of strength `prior_strength`, and a faster decay so a
+request whose text turns predictable (or stops being so) is followed within a
+few steps. Counts live in one array row per request so a step's updates and
+reads are vectorised.
+"""
+
+import numpy as np
+
+
+class AcceptanceEstimator:
+    def __init__(self, k_max: int, prior_mean: float = 0.6, prior_strength: float = 4.0,
+                 global_decay: float = 0.99, request_decay: float = 0.95, chain_strength: float = 4.0):
+        if k_max < 1:
+            raise ValueError(f"k_max must be >= 1, got {k_max}")
+        self.k_max, self.prior_strength = k_max, prior_strength
+        self.global_decay, self.request_decay = global_decay, request_decay
+        self.prior_mean, self.chain_strength = prior_mean, chain_strength
+        self._ga = np.zeros(k_max)              # decayed global counts per position
+        self._gn = np.zeros(k_max)
+        self._curve: np.ndarray | None = None
+        self._row: dict[int, int] = {}          # request id -> row of _a/_n
+        self._free: list[int] = []
+        self._a = np.zeros((16, k_max))         # decayed accepted counts per request and position
+        self._n = np.zeros((16, k_max))         # decayed observed counts
+        self._pos = np.arange(k_max)
+
+    @property
+    def global_curve(self) -> np.ndarray:
+        """(k_max,) conditional acceptance per position, all requests together."""
+        if self._curve is None:
+            curve, prev, s = np.empty(self.k_max), self.prior_mean, self.chain_strength
+            for j in range(self.k_max):
+                prev = curve[j] = (self._ga[j] + s * prev) / (self._gn[j] + s)
+            self._curve = curve
+        return self._curve
+
+    def _rows(self, req_ids) -> np.ndarray:
+        out = []
+        for rid in req_ids:
+            r = self._row.get(rid)
+            if r is None:
+                if not self._free:
+                    old = len(self._a)
+                    self._a = np.vstack([self._a, np.zeros_like(self._a)])
+                    self._n = np.vstack([self._n, np.zeros_like(self._n)])
+                    self._free = list(range(2 * old - 1, old - 1, -1))
+                r = self._row[rid] = self._free.pop()
+                self._a[r] = 0.0
+                self._n[r] = 0.0
+            out.append(r)
+        return np.array(out, dtype=np.int64)
+
+    def estimate(self, req_ids, explore: float = 0.0) -> np.ndarray:
+        """(len(req_ids), k_max) each request's conditional acceptance per
+        position. explore > 0 adds that many standard deviations of the global
+        estimate to the prior (optimism where positions are rarely verified, so
+        a plan keeps testing them; it fades as they are seen)."""
+        rows = self._rows(req_ids)
+        s = self.prior_strength
+        g = self.global_curve
+        if explore:
+            g = np.minimum(g + explore * np.sqrt(g * (1 - g) / (self._gn + self.chain_strength)), 1.0)
+        return (self._a[rows] + s * g) / (self._n[rows] + s)
+
+    def observe(self, req_ids, drafted, accepted) -> None:
+        """One verification per request: drafted[i] drafts, the first accepted[i] accepted."""
+        drafted = np.asarray(drafted)
+        accepted = np.asarray(accepted)
+        keep = drafted > 0
+        if not keep.any():
+            return
+        if np.any((accepted < 0) | (accepted > drafted)):
+            raise ValueError(f"accepted {accepted.tolist()} outside 0..drafted {drafted.tolist()}")
+        rows = self._rows([r for r, k in zip(req_ids, keep) if k])
+        drafted, accepted = drafted[keep], accepted[keep]
+        seen = np.minimum(accepted + 1, drafted)[:, None] > self._pos      # outcome known
+        hit = accepted[:, None] > self._pos
+        # Decay only observed positions (once per observation): an unobserved deep
+        # position keeps its evidence.
+        g = np.power(self.global_decay, seen.sum(axis=0))
+        self._ga = self._ga * g + hit.sum(axis=0)
+        self._gn = self._gn * g + seen.sum(axis=0)
+        self._curve = None
+        r = np.where(seen, self.request_decay, 1.0)
+        self._a[rows] = self._a[rows] * r + hit
+        self._n[rows] = self._n[rows] * r + seen
+
+    def forget(self, req_id: int) -> None:
+        r = self._row.pop(req_id, None)
+        if r is not None:
+            self._free.append(r)
+
+    def relax(self, req_id: int, factor: float) -> None:
+        """Shrink a request's own evidence toward the global prior (used while it
+        does not draft, so old bad luck does not bar it forever)."""
+        r = self._row.get(req_id)
+        if r is not None:
+            self._a[r] *= factor
+            self._n[r] *= factor

@@ -1,0 +1,301 @@
+"""The speculation controller: per step and per request, how many tokens to
+draft (0 allowed), priced by the cost model and valued by the acceptance
+estimate.
+
+Plan (one call per step, before the drafter runs). Start from k_i = 0 for
+every request the controller decides for; the step is then worth
+V = (requests sampling) tokens in T = cost(plan) seconds. Repeatedly extend
+one request's draft from k_i to some k' <= cap_i, choosing the extension with
+the best expected tokens gained per second added,
+
+    dV = sum_{k_i <= j < k'} prod_{m <= j} a_{i,m}      dT = cost(plan + ext) - cost(plan)
+
+and take it only while it raises goodput: dV > (V / T) * dT * (1 + margin).
+Extensions of several tokens are priced whole, so a drafter's fixed cost
+(paid once, by the first request that drafts) does not stop a plan that pays
+only beyond one token. No request drafting means the drafter is skipped.
+
+Around the plan:
+- a request whose drafting realised fewer tokens than its break-even over a
+  window of steps is cooled down (k = 0) for a number of steps that doubles
+  each time (capped), then probed again with one draft; so is a request the
+  plan has kept at 0 for that long, so estimates never freeze;
+- when the cost model's prediction error (MAPE over a window) exceeds a bound,
+  the plan ignores timings until it recovers (and `stats` says so): each auto
+  request drafts while its next draft is expected accepted with probability
+  >= 1/2, at most `fallback_k` tokens;
+- the decision's own time is measured (`overhead`).
+"""
+
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .acceptance import AcceptanceEstimator
+from .cost_model import CostModel
+
+
+@dataclass
+class _ReqState:
+    idle: int = 0                   # consecutive steps without drafting
+    backoff: int = 8                # steps of the next cool-down / probe interval
+    cooldown: int = 0               # steps left with k forced to 0
+    probe: bool = False             # draft one token next step to refresh the estimate
+    window: deque = field(default_factory=lambda: deque(maxlen=8))   # (accepted, break-even) per drafted step
+
+
+@dataclass
+class Decision:
+    """What `plan` decided, kept until `observe`."""
+    ctx: np.ndarray                 # cached tokens per scheduled entry
+    predicted_s: float              # the step time the plan was priced at
+    breakeven: dict                 # req id -> tokens the request's drafts had to gain to pay
+    planned_k: dict                 # req id -> drafts planned (auto requests)
+    plan_s: float
+
+
+class Controller:
+    def __init__(self, runner, proposer, k_max: int = 8, *, fallback_k: int = 3, mape_bound: float = 0.5,
+                 margin: float = 0.01, max_backoff: int = 256, explore: float = 1.0, profile: bool = True, profile_budget_s: float = 3.0,
+                 log=None):
+        if k_max < 1:
+            raise ValueError(f"controller k_max must be >= 1, got {k_max}")
+        self.k_max, self.fallback_k, self.mape_bound = k_max, fallback_k, mape_bound
+        self.margin, self.max_backoff, self.explore = margin, max_backoff, explore
+        self.acceptance = AcceptanceEstimator(k_max)
+        model = getattr(runner, "model", None)
+        itemsize = getattr(getattr(model, "dtype", None), "itemsize", 4)
+        self.cost = CostModel(runner.config, ep=getattr(runner, "ep", 1), itemsize=itemsize)
+        if profile:
+            self.cost.profile(runner, proposer, budget_s=profile_budget_s, log=log)
+        self._state: dict[int, _ReqState] = {}
+        self._decision: Decision | None = None
+        self.fallback = False
+        self.k_chosen: Counter = Counter()
+        self.overhead_s = 0.0       # planning + observing, summed
+        self.step_s = 0.0           # the steps' own time, summed (for the overhead fraction)
+        self.cooldowns = 0
+        self.probes = 0
+        self.k_drafted_steps = 0
+
+    # ---- planning --------------------------------------------------------------------------------------------
+
+    def plan(self, sched, is_auto) -> None:
+        """Set `s.k` of every scheduled entry `is_auto(s)` says the controller
+        decides for (keeping s.k as the cap); others keep theirs."""
+        t0 = time.perf_counter()
+        q = np.array([s.num_new + (0 if is_auto(s) else s.k) for s in sched], dtype=float)
+        ctx = np.array([s.req.num_cached for s in sched], dtype=float)
+        fixed_k = [0 if is_auto(s) else s.k for s in sched]
+        auto = [i for i, s in enumerate(sched) if is_auto(s) and not s.partial and s.k > 0]
+        sampling = sum(1 for s in sched if not s.partial)
+        k = np.zeros(len(sched))
+        breakeven: dict[int, float] = {}
+        predicted = None
+        if self.fallback:
+            # Timing-free rule: draft while the next draft is expected accepted with
+            # probability >= 1/2, at most fallback_k.
+            ids = [sched[i].req.id for i in auto]
+            surv = np.cumprod(self.acceptance.estimate(ids), axis=1) if ids else np.zeros((0, self.k_max))
+            for j, i in enumerate(auto):
+                st = self._state.setdefault(ids[j], _ReqState())
+                want = 0 if st.cooldown > 0 else max(int(np.sum(surv[j] >= 0.5)), int(st.probe))
+                k[i] = min(want, self.fallback_k, sched[i].k)
+        elif auto:
+            predicted = self._greedy(sched, auto, q, ctx, fixed_k, sampling, k, breakeven)
+        for i in auto:
+            sched[i].k = int(k[i])
+            self.k_chosen[int(k[i])] += 1
+        decided = set(auto)
+        for i, s in enumerate(sched):       # auto entries not decided here (prompt parts, no room) draft 0
+            if i not in decided and is_auto(s):
+                s.k = 0
+        if predicted is None:
+            predicted = self.cost.predict(self.cost.target_features(q + k, ctx),
+                                          self.cost.draft_features(np.array(fixed_k) + k))
+        planned = {sched[i].req.id: int(k[i]) for i in auto}
+        plan_s = time.perf_counter() - t0
+        self._decision = Decision(ctx, predicted, breakeven, planned, plan_s)
+        self.overhead_s += plan_s
+
+    def _greedy(self, sched, auto, q, ctx, fixed_k, sampling, k, breakeven) -> float:
+        """Rounds of: every request's best extension (tokens gained per second
+        added, priced at the round's plan), then, in order of that ratio, take
+        each whose price re-checked at the current plan still raises goodput.
+        Scalar Python over at most B * k_max candidates per round: cheaper
+        than array code at the sizes a step has. Returns the plan's price."""
+        cost, ex = self.cost, self.cost.experts
+        c0, c_seq, c_tok, c_exp, c_attn, c_a2a = (float(v) for v in cost.c)
+        d_any, d_seq, d_tok, d_depth = (float(v) for v in cost.d)
+        c_tok += c_a2a * cost.a2a_mb_per_token
+        beta, miss = ex.beta, ex.miss
+        exp_scale = c_exp * cost.moe_layers * ex.E / cost.ep if ex.E else 0.0
+        ids = [sched[i].req.id for i in auto]
+        caps = [min(sched[i].k, self.k_max) for i in auto]
+        probes = []
+        for j, rid in enumerate(ids):          # cool-downs and probes
+            st = self._state.setdefault(rid, _ReqState())
+            if st.cooldown > 0:
+                caps[j] = 0
+            elif st.probe:
+                caps[j] = min(caps[j], 1)
+                probes.append(j)
+        # cum[j][m]: expected tokens gained by drafting m tokens (sum of survival products)
+        est = np.cumprod(self.acceptance.estimate(ids, explore=self.explore), axis=1)
+        cum = np.concatenate([np.zeros((len(ids), 1)), np.cumsum(est, axis=1)], axis=1).tolist()
+        base = [float(q[i]) for i in auto]
+        ctxs = [float(ctx[i]) for i in auto]
+        qs = q.tolist()
+        n = sum(qs)
+        neff = sum(x ** beta for x in qs)
+        attn = sum(a * b + a * (a + 1) / 2 for a, b in zip(qs, ctx.tolist())) / 1000.0
+        drafting = sum(1 for f in fixed_k if f > 0)
+        dtok = float(sum(fixed_k))
+        depth = float(max(fixed_k, default=0))
+        fixed_t = c0 + c_seq * len(qs)
+
+        def price(n_, neff_, attn_, drafting_, dtok_, depth_):
+            t = fixed_t + c_tok * n_ + exp_scale * (1.0 - miss ** neff_) + c_attn * attn_
+            if drafting_:
+                t += d_any + d_seq * drafting_ + d_tok * dtok_ + d_depth * depth_
+            return t
+
+        T = max(price(n, neff, attn, drafting, dtok, depth), 1e-9)
+        V = float(sampling)
+        kk = [0] * len(ids)
+        margin = 1.0 + self.margin
+
+        def extension(j, kp):
+            """(dv, dT, new aggregates) of request j drafting kp instead of kk[j]."""
+            dk = kp - kk[j]
+            b = base[j] + kk[j]
+            neff_ = neff + (b + dk) ** beta - b ** beta
+            attn_ = attn + (dk * (ctxs[j] + b) + dk * (dk + 1) / 2) / 1000.0
+            drafting_ = drafting + (kk[j] == 0)
+            agg = (n + dk, neff_, attn_, drafting_, dtok + dk, max(depth, kp))
+            return cum[j][kp] - cum[j][kk[j]], price(*agg) - T, agg
+
+        while True:
+            cands = []
+            for j in range(len(ids)):
+                best, best_kp = 0.0, 0
+                for kp in range(kk[j] + 1, caps[j] + 1):
+                    dv, dT, _ = extension(j, kp)
+                    if dv > (V / T) * max(dT, 0.0) * margin:
+                        r = dv / max(dT, 1e-12)
+                        if r > best:
+                            best, best_kp = r, kp
+                if best_kp:
+                    cands.append((best, j, best_kp))
+            if not cands:
+                break
+            taken = 0
+            for _, j, kp in sorted(cands, reverse=True):
+                dv, dT, agg = extension(j, kp)
+                if dv <= (V / T) * max(dT, 0.0) * margin:
+                    continue
+                breakeven[ids[j]] = breakeven.get(ids[j], 0.0) + (V / T) * max(dT, 0.0)
+                n, neff, attn, drafting, dtok, depth = agg
+                V += dv
+                T += dT
+                kk[j] = kp
+                taken += 1
+            if not taken:
+                break
+        for j in probes:                       # a probe drafts one token even where the plan would not
+            if caps[j] and not kk[j]:
+                dv, dT, agg = extension(j, 1)
+                n, neff, attn, drafting, dtok, depth = agg
+                T += dT
+                kk[j] = 1
+        for j, i in enumerate(auto):
+            k[i] = kk[j]
+        return T
+
+    # ---- learning --------------------------------------------------------------------------------------------
+
+    def observe(self, results, q, drafts, target_s: float, draft_s: float, step_s: float,
+                distinct: list[int] | None) -> None:
+        """After the step. results: (req id, drafts planned, accepted, auto) per
+        sampled request (drafts the drafter did not deliver count as rejected:
+        the estimate is of tokens gained per draft asked for); q and drafts:
+        tokens appended and drafts delivered per scheduled entry, in plan order;
+        distinct: measured distinct experts per layer (None if not recorded)."""
+        t0 = time.perf_counter()
+        d = self._decision
+        if d is not None and len(d.ctx) == len(q):
+            x = self.cost.target_features(q, d.ctx)
+            z = self.cost.draft_features(drafts)
+            predicted = self.cost.predict(x, z)          # the model's price of what actually ran
+            moe = [v for v in (distinct or []) if v]
+            if moe:
+                self.cost.experts.observe(q, sum(moe) / len(moe))
+                x[3] = sum(moe) / self.cost.ep            # fit on the measured count
+            self.cost.observe(x, z, target_s, draft_s, predicted)
+        if results:
+            self.acceptance.observe([r[0] for r in results], [r[1] for r in results], [r[2] for r in results])
+        for rid, drafted, accepted, auto in results:
+            if not auto:
+                continue
+            st = self._state.setdefault(rid, _ReqState())
+            if st.cooldown > 0:
+                st.cooldown -= 1
+                if st.cooldown == 0:
+                    st.probe = True
+                continue
+            if drafted:
+                st.idle = 0
+                self.k_drafted_steps += 1
+                if st.probe:                # a probe only refreshes the estimate; the plan decides
+                    st.probe = False
+                    self.probes += 1
+                    continue
+                st.window.append((accepted, d.breakeven.get(rid, 0.0) if d else 0.0))
+                if len(st.window) == st.window.maxlen:
+                    got = sum(a for a, _ in st.window)
+                    need = sum(b for _, b in st.window)
+                    if got < need:
+                        self._cool(st)
+                    else:
+                        st.backoff = 8
+            else:
+                st.idle += 1
+                self.acceptance.relax(rid, 0.97)
+                if st.idle >= st.backoff:
+                    st.idle = 0
+                    st.probe = True
+                    st.backoff = min(st.backoff * 2, self.max_backoff)
+        mape = self.cost.mape
+        if mape is not None:
+            if not self.fallback and mape > self.mape_bound:
+                self.fallback = True
+            elif self.fallback and mape < self.mape_bound / 1.5:
+                self.fallback = False
+        self.step_s += step_s
+        self.overhead_s += time.perf_counter() - t0
+
+    def _cool(self, st: _ReqState) -> None:
+        st.cooldown = st.backoff
+        st.backoff = min(st.backoff * 2, self.max_backoff)
+        st.window.clear()
+        self.cooldowns += 1
+
+    def forget(self, req_id: int) -> None:
+        self._state.pop(req_id, None)
+        self.acceptance.forget(req_id)
+
+    # ---- reporting -------------------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        return {
+            "cost_model_mape": self.cost.mape,
+            "controller_fallback": self.fallback,
+            "controller_overhead": self.overhead_s / self.step_s if self.step_s else None,
+            "controller_k_histogram": dict(self.k_chosen),
+            "controller_cooldowns": self.cooldowns,
+            "controller_probes": self.probes,
+            "acceptance_curve": self.acceptance.global_curve.tolist(),
+            "distinct_experts_beta": self.cost.experts.beta,
+        }

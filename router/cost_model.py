@@ -1,0 +1,336 @@
+"""The step-time model the speculation controller prices plans with.
+
+    T(plan) = T_target(x) + T_draft(z)
+    x = [1, sequences, tokens, distinct experts (summed over MoE layers, per rank),
+         attention units, all-to-all MB]
+    z = [any drafting, drafting sequences, draft tokens, draft depth]
+
+Both parts are linear in their features with non-negative coefficients. The
+distinct-expert feature is not observed before the step: `DistinctExperts`
+predicts it from the plan's tokens per sequence, with an exponent learned from
+routing statistics that captures intra-sequence locality (the k+1 tokens of
+one sequence reuse experts more than k+1 tokens of different sequences).
+
+Coefficients start from a profiling pass on this machine (`profile`: MoE
+expert compute at chosen token and distinct-expert counts, whole target
+forwards at chosen batch, tokens and contexts, the drafter at chosen batch and
+depth) and are refitted online from measured steps, the profile acting as a
+prior. `mape` is the mean absolute percentage error of the predictions made
+before each step, over a window.
+"""
+
+import time
+from collections import deque
+
+import numpy as np
+import torch
+
+from ..experts.batch import Chunk
+
+TARGET_FEATURES = ("fixed", "seqs", "tokens", "experts", "attn", "a2a_mb")
+DRAFT_FEATURES = ("any", "seqs", "tokens", "depth")
+ATTN_UNIT = 1000.0          # attention units: query-key pairs / 1000
+
+
+def nnls(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """min ||Ax - b|| subject to x >= 0 (Lawson-Hanson active set), columns scaled first."""
+    scale = np.linalg.norm(A, axis=0)
+    scale[scale == 0] = 1.0
+    A = A / scale
+    n = A.shape[1]
+    P = np.zeros(n, dtype=bool)
+    x = np.zeros(n)
+    w = A.T @ (b - A @ x)
+    for _ in range(3 * n):
+        free = ~P
+        if not free.any() or w[free].max() <= 1e-12:
+            break
+        P[np.argmax(np.where(free, w, -np.inf))] = True
+        while True:
+            z = np.zeros(n)
+            z[P] = np.linalg.lstsq(A[:, P], b, rcond=None)[0]
+            if (z[P] > 0).all():
+                break
+            neg = P & (z <= 0)
+            alpha = np.min(x[neg] / (x[neg] - z[neg]))
+            x = x + alpha * (z - x)
+            P &= x > 1e-15
+            if not P.any():
+                z = np.zeros(n)
+                break
+        x = z
+        w = A.T @ (b - A @ x)
+    return x / scale
+
+
+class DistinctExperts:
+    """Expected distinct experts per MoE layer for a step whose sequences
+    append q_i tokens each: E * (1 - (1 - K/E) ** n_eff), n_eff = sum q_i**beta.
+    beta = 1 is independent routing of every token; beta < 1 is locality
+    within a sequence. beta is refitted from observed (q, distinct) pairs."""
+
+    BETAS = np.linspace(0.1, 1.0, 19)
+
+    def __init__(self, num_experts: int, top_k: int, window: int = 128):
+        self.E, self.K = num_experts, top_k
+        self.miss = 1.0 - top_k / num_experts if num_experts else 1.0
+        self.beta = 1.0
+        self._obs: deque = deque(maxlen=window)
+        self._since_fit = 0
+
+    def predict_from_neff(self, n_eff):
+        return self.E * (1.0 - np.power(self.miss, n_eff))
+
+    def n_eff(self, q) -> float:
+        return float(np.sum(np.power(np.asarray(q, dtype=float), self.beta)))
+
+    def predict(self, q) -> float:
+        return float(self.predict_from_neff(self.n_eff(q))) if self.E else 0.0
+
+    def observe(self, q, mean_distinct: float) -> None:
+        if not self.E or not len(q):
+            return
+        q = np.asarray(q, dtype=float)
+        # n_eff of this step for every candidate beta, computed once
+        self._obs.append((np.power(q[:, None], self.BETAS).sum(axis=0), mean_distinct))
+        self._since_fit += 1
+        if self._since_fit >= 8:
+            self.fit()
+
+    def fit(self) -> None:
+        self._since_fit = 0
+        if len(self._obs) < 4:
+            return
+        neff = np.array([o[0] for o in self._obs])                 # (W, betas)
+        d = np.array([o[1] for o in self._obs])
+        err = ((self.predict_from_neff(neff) - d[:, None]) ** 2).sum(axis=0)
+        self.beta = float(self.BETAS[int(np.argmin(err))])
+
+
+def _median_time(fn, reps: int) -> float:
+    fn()                                                   # warm-up
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+class CostModel:
+    def __init__(self, config, ep: int = 1, itemsize: int = 4, window: int = 128, prior_weight: float = 0.25):
+        self.config, self.ep = config, max(1, ep)
+        moe = config.moe
+        self.moe_layers = sum(1 for i in range(config.num_layers) if config.is_moe_layer(i)) if moe else 0
+        self.experts = DistinctExperts(moe.num_experts if moe else 0, moe.top_k if moe else 1)
+        # dispatch + combine of each routed row, the share that leaves the rank, per MoE layer, in MB
+        self.a2a_mb_per_token = (0.0 if self.ep == 1 or not moe else
+                                 2 * moe.top_k * config.hidden_size * itemsize * (self.ep - 1) / self.ep
+                                 * self.moe_layers / 1e6)
+        self.c = np.zeros(len(TARGET_FEATURES))     # seconds per unit of each feature
+        self.d = np.zeros(len(DRAFT_FEATURES))
+        self._prior_c: np.ndarray | None = None
+        self._prior_d: np.ndarray | None = None
+        self.prior_weight = prior_weight
+        self._profile_x: list = []                  # profile points, kept as anchors for refits
+        self._profile_z: list = []
+        self._x: deque = deque(maxlen=window)
+        self._z: deque = deque(maxlen=window)
+        self._err: deque = deque(maxlen=64)
+        self._err_sum = 0.0
+        self._steps = 0
+        self._since_fit = 0
+        self.profile_seconds = 0.0
+
+    # ---- features --------------------------------------------------------------------------------------------
+
+    def target_features(self, q, ctx) -> np.ndarray:
+        """q[i] tokens appended after ctx[i] cached ones, per sequence in the step."""
+        q = [float(v) for v in q]
+        ctx = [float(v) for v in ctx]
+        n = sum(q)
+        beta = self.experts.beta
+        experts = (self.moe_layers * float(self.experts.predict_from_neff(sum(v ** beta for v in q))) / self.ep
+                   if self.experts.E else 0.0)
+        attn = sum(a * b + a * (a + 1) / 2 for a, b in zip(q, ctx)) / ATTN_UNIT
+        return np.array([1.0, len(q), n, experts, attn, n * self.a2a_mb_per_token])
+
+    @staticmethod
+    def draft_features(k) -> np.ndarray:
+        k = [float(v) for v in k]
+        m = float(sum(1 for v in k if v))
+        return np.array([1.0 if m else 0.0, m, sum(k), max(k, default=0.0)])
+
+    def predict(self, x: np.ndarray, z: np.ndarray) -> float:
+        return float(self.c @ x + self.d @ z)
+
+    # ---- profiling -------------------------------------------------------------------------------------------
+
+    def profile(self, runner, proposer=None, budget_s: float = 3.0, log=None) -> None:
+        """Time this machine: MoE expert compute at chosen rows and distinct
+        experts, whole target forwards at chosen (batch, tokens, context), the
+        drafter at chosen (batch, depth). Sets the prior coefficients."""
+        t_start = time.perf_counter()
+        deadline = t_start + budget_s
+        moe_prior = self._profile_moe(runner, deadline)
+        X, y = self._profile_forward(runner, deadline)
+        if X:
+            self._profile_x = list(zip(X, y))
+            A, b = np.array(X), np.array(y)
+            if moe_prior is not None:      # pin the per-expert coefficient to the micro-profile
+                c = nnls(A[:, [0, 1, 2, 4, 5]], b - A[:, 3] * moe_prior)
+                self.c = np.insert(c, 3, moe_prior)
+            else:
+                self.c = nnls(A, b)
+        self._prior_c = self.c.copy()
+        Z, yz = self._profile_draft(runner, proposer, deadline)
+        if Z:
+            self._profile_z = list(zip(Z, yz))
+            self.d = nnls(np.array(Z), np.array(yz))
+        self._prior_d = self.d.copy()
+        self.profile_seconds = time.perf_counter() - t_start
+        if log:
+            log(f"cost model profiled in {self.profile_seconds:.2f} s: " + ", ".join(
+                f"{n}={v * 1e6:.1f}us" for n, v in zip(TARGET_FEATURES, self.c)))
+
+    def _profile_moe(self, runner, deadline) -> float | None:
+        """Seconds per distinct expert per MoE layer, from the expert compute of
+        one MoE layer at fixed routed rows and a varying number of experts."""
+        model = getattr(runner, "model", None)
+        layers = getattr(model, "layers", None)
+        moe = next((l.moe for l in layers if getattr(l, "moe", None) is not None), None) if layers else None
+        if moe is None or not hasattr(moe, "grouped"):
+            return None
+        E, D = self.experts.E, self.config.hidden_size
+        pts = []
+        with torch.inference_mode():
+            for rows in (8, 32):
+                for distinct in sorted({1, max(1, min(E, rows) // 4), max(1, min(E, rows) // 2), min(E, rows)}):
+                    if time.perf_counter() > deadline:
+                        break
+                    counts = torch.zeros(E, dtype=torch.int64)
+                    counts[:distinct] = rows // distinct
+                    counts[0] += rows - int(counts.sum())
+                    x = torch.randn(rows, D, dtype=model.dtype, device=model.device) * 0.1
+                    counts = counts.to(model.device)
+                    pts.append((rows, distinct, _median_time(lambda: moe.grouped(x, counts), 3)))
+        if len(pts) < 3:
+            return None
+        A = np.array([[1.0, r, dd] for r, dd, _ in pts])
+        coef = nnls(A, np.array([t for _, _, t in pts]))
+        return float(coef[2])
+
+    def _profile_forward(self, runner, deadline):
+        cache = runner.cache
+        slots = []
+        X, y = [], []
+        try:
+            while cache.free_slots and len(slots) < 8:
+                slots.append(cache.allocate())
+            if not slots:
+                return X, y
+            V = self.config.vocab_size
+            gen = torch.Generator().manual_seed(0)
+
+            def rand(n):
+                return torch.randint(0, V, (n,), generator=gen).tolist()
+            # Two contexts, so attention (query x context) is told apart from per-token work.
+            ctx_lo = min(16, cache.capacity // 4)
+            ctx_hi = max(ctx_lo, min(128, cache.capacity - 9))
+            done = 0
+            for ctx0 in sorted({ctx_lo, ctx_hi}):
+                runner.run([Chunk(s, done, rand(ctx0 - done)) for s in slots])   # grow the context
+                done = ctx0
+                for B in sorted({1, 2, 4, len(slots)}):
+                    for q in (1, 3, 8):
+                        if B > len(slots) or ctx0 + q > cache.capacity or time.perf_counter() > deadline:
+                            continue
+                        chunks = [Chunk(s, ctx0, rand(q)) for s in slots[:B]]
+                        out = {}
+
+                        def go():
+                            out["o"] = runner.run(chunks, routing=True)
+                        t = _median_time(go, 3)
+                        routing = out["o"].routing
+                        x = self.target_features([q] * B, [ctx0] * B)
+                        if routing is not None and self.moe_layers:
+                            x[3] = sum(routing.distinct_experts) / self.ep     # the measured count
+                            self.experts.observe([q] * B, routing.mean_distinct)
+                        X.append(x)
+                        y.append(t)
+            self.experts.fit()
+        finally:
+            for s in slots:
+                cache.free(s)
+        return X, y
+
+    def _profile_draft(self, runner, proposer, deadline):
+        Z, y = [], []
+        if proposer is None or getattr(proposer, "synthetic", False):
+            return Z, y
+        from ..drafter.base import DraftInput
+        V = self.config.vocab_size
+        gen = torch.Generator().manual_seed(1)
+        ids = iter(range(-1, -10_000, -1))        # request ids no real request has
+        for B in (1, 4):
+            for k in (1, 4):
+                if time.perf_counter() > deadline:
+                    break
+                try:
+                    reqs = [next(ids) for _ in range(B)]
+                    prompts = [torch.randint(0, V, (16,), generator=gen).tolist() for _ in range(B)]
+                    inputs = [DraftInput(r, p, k, 0.0, 0, 1.0, None) for r, p in zip(reqs, prompts)]
+                    t0 = time.perf_counter()
+                    proposer.propose(inputs)      # the first call includes the catch-up of 16 tokens
+                    t = time.perf_counter() - t0
+                finally:
+                    for r in reqs:
+                        proposer.release(r)
+                Z.append(self.draft_features([k] * B))
+                y.append(t)
+        return Z, y
+
+    # ---- online ----------------------------------------------------------------------------------------------
+
+    def observe(self, x: np.ndarray, z: np.ndarray, target_s: float, draft_s: float, predicted: float) -> None:
+        """A step ran with features x, z; it took target_s (everything but the
+        drafter) and draft_s seconds; `predicted` was the prediction beforehand."""
+        total = target_s + draft_s
+        if total > 0:
+            if len(self._err) == self._err.maxlen:
+                self._err_sum -= self._err[0]
+            e = abs(predicted - total) / total
+            self._err.append(e)
+            self._err_sum += e
+        self._x.append((x, target_s))
+        if z[0] > 0 or draft_s > 1e-4:
+            self._z.append((z, draft_s))
+        self._since_fit += 1
+        self._steps += 1
+        # Refit often while the window fills, then every 32 steps.
+        if self._since_fit >= (8 if self._steps < 128 else 32):
+            self.refit()
+
+    def refit(self) -> None:
+        """Least squares over the window's steps and the profile points, with a
+        pull toward the profiled coefficients (weight prior_weight per step in
+        the window) so features the window does not vary keep their profiled value."""
+        self._since_fit = 0
+        self.c = self._fit(self._x, self._profile_x, self._prior_c, self.c)
+        self.d = self._fit(self._z, self._profile_z, self._prior_d, self.d)
+
+    def _fit(self, window, anchors, prior, current):
+        pts = list(window) + list(anchors)
+        if len(pts) < 4:
+            return current
+        A = np.array([p[0] for p in pts])
+        b = np.array([p[1] for p in pts])
+        if prior is not None:
+            lam = np.sqrt(self.prior_weight * len(pts)) * np.maximum(A.std(axis=0), 1e-9)
+            A = np.vstack([A, np.diag(lam)])
+            b = np.concatenate([b, lam * prior])
+        return nnls(A, b)
+
+    @property
+    def mape(self) -> float | None:
+        return self._err_sum / len(self._err) if len(self._err) >= 8 else None

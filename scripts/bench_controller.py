@@ -1,0 +1,314 @@
+"""Speculation "auto" (the controller) against no speculation and every fixed k.
+
+    .venv/bin/python scripts/bench_controller.py --out .cache --batch 1,4 --alpha 0.5,0.9 \\
+        --model moe-bench --ep 1 --json out.json
+
+Every cell (model, ep, batch, alpha, decay) runs the policies "off", "auto"
+and "k=1".."k=8" on the same prompts through the real engine (scheduler,
+verification, the controller's plan), interleaved: repetition r runs every
+policy once, in an order rotated by r, and a cell's figure is the median over
+repetitions. Each policy's engine first runs the cell's prompts once untimed
+(warm-up; for "auto" this is also where it learns the acceptance rate).
+
+The drafter is SYNTHETIC (drafter/synthetic.py, benchmarks only): it proposes
+the target's own greedy continuation (recorded beforehand) with probability
+alpha * decay**j at draft position j and a wrong token otherwise, so
+verification runs the real path and acceptance is set, not trained. It costs
+no time, which favours deep drafts; the real-drafter section (--real) uses the
+bundled model with n-gram, draft-model and layer-skip drafting.
+
+The mixed trace (--trace) runs phases of changing batch and alpha back to back
+on one engine per policy; its figure is total committed tokens / total time.
+
+Output: a markdown table per section on stdout, --json (rows {"model", "ep",
+"batch", "alpha", "decay", "policy", "tokens_per_s", "tpot_ms", "mean_k"}),
+--png (heatmap of the best fixed k per cell next to auto's mean k; needs
+matplotlib). Timings on a shared machine are noisy: compare ratios inside a run.
+"""
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_forward import cpu_model, loadavg  # noqa: E402
+from bench_spec import git_revision, rotate  # noqa: E402
+from make_moe_bench import build_checkpoint, build_dense_checkpoint  # noqa: E402
+
+KS = list(range(1, 9))
+
+
+def policies(ks):
+    return ["off", "auto"] + [f"k={k}" for k in ks]
+
+
+def make_engine(runner, policy, proposer_factory):
+    from specmoe import Engine
+    if policy == "off":
+        return Engine(runner)
+    if policy == "auto":
+        return Engine(runner, proposer=proposer_factory(), speculation={"k": max(KS), "auto": True})
+    return Engine(runner, proposer=proposer_factory(), speculation={"k": int(policy[2:])})
+
+
+def timed_generate(eng, prompts, params):
+    """(committed tokens/s, median TPOT ms over requests, mean k per request-step) of one generate call."""
+    before = dict(eng.telemetry.k_histogram)
+    t0 = time.perf_counter()
+    first, last, count = {}, {}, {}
+    for chunk in eng.generate_stream(prompts, params):
+        now = time.perf_counter()
+        if chunk.token_ids:
+            first.setdefault(chunk.index, now)
+            last[chunk.index] = now
+            count[chunk.index] = count.get(chunk.index, 0) + len(chunk.token_ids)
+    wall = time.perf_counter() - t0
+    tokens = sum(count.values())
+    tpot = statistics.median((last[i] - first[i]) / (count[i] - 1) * 1e3 for i in count if count[i] > 1)
+    hist = {k: v - before.get(k, 0) for k, v in eng.telemetry.k_histogram.items()}
+    n = sum(hist.values())
+    mean_k = sum(k * v for k, v in hist.items()) / n if n else 0.0
+    return tokens / wall, tpot, mean_k
+
+
+def run_cell(runner, prompts, conts, batch, alpha, decay, ks, reps, new_tokens, seed, V):
+    from specmoe import SamplingParams
+    from specmoe.drafter import SyntheticProposer
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+
+    def factory():
+        return SyntheticProposer(conts, alpha, decay, vocab_size=V, seed=seed)
+    engines = {}
+    for p in policies(ks):
+        engines[p] = make_engine(runner, p, factory)
+        timed_generate(engines[p], prompts, params)          # warm-up (and auto's first learning)
+    samples = {p: [] for p in engines}
+    for r in range(reps):
+        for p in rotate(list(engines), r):
+            samples[p].append(timed_generate(engines[p], prompts, params))
+    out = {}
+    for p, xs in samples.items():
+        out[p] = {"tokens_per_s": statistics.median(x[0] for x in xs), "tpot_ms": statistics.median(x[1] for x in xs),
+                  "mean_k": statistics.mean(x[2] for x in xs)}
+        if p == "auto":
+            st = engines[p].stats()
+            out[p]["mape"] = st["cost_model_mape"]
+            out[p]["overhead"] = st["controller_overhead"]
+    for e in engines.values():
+        e.close()
+    return out
+
+
+def run_trace(runner, prompt_pool, conts, phases, ks, reps, new_tokens, seed, V, log):
+    """Phases [(batch, alpha)] back to back on one engine per policy."""
+    from specmoe import SamplingParams
+    from specmoe.drafter import SyntheticProposer
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    engines, props = {}, {}
+    for p in policies(ks):
+        prop = SyntheticProposer(conts, phases[0][1], vocab_size=V, seed=seed) if p != "off" else None
+        props[p] = prop
+        engines[p] = make_engine(runner, p, lambda prop=prop: prop)
+    samples = {p: [] for p in engines}
+    for r in range(reps + 1):                 # repetition 0 is the warm-up
+        for p in rotate(list(engines), r):
+            tokens, wall = 0, 0.0
+            for batch, alpha in phases:
+                if props[p] is not None:
+                    props[p].alpha = alpha
+                t0 = time.perf_counter()
+                outs = engines[p].generate(prompt_pool[:batch], params)
+                wall += time.perf_counter() - t0
+                tokens += sum(len(o.token_ids) for o in outs)
+            if r:
+                samples[p].append(tokens / wall)
+        log(f"trace repetition {r} done")
+    return {p: statistics.median(xs) for p, xs in samples.items()}
+
+
+def fmt_cell(res, ks):
+    off = res["off"]["tokens_per_s"]
+    best_k = max(ks, key=lambda k: res[f"k={k}"]["tokens_per_s"])
+    best = res[f"k={best_k}"]["tokens_per_s"]
+    auto = res["auto"]["tokens_per_s"]
+    return off, best_k, best, auto
+
+
+def heatmap(rows, path, ks):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"--png {path}: matplotlib is not installed (pip install matplotlib); no plot written")
+        return
+    cells = sorted({(r["model"], r["ep"], r["decay"], r["batch"], r["alpha"]) for r in rows})
+    panels = sorted({(m, ep, d) for m, ep, d, _, _ in cells})
+    fig, axes = plt.subplots(len(panels), 2, figsize=(9, 3.2 * len(panels)), squeeze=False)
+    for row, (m, ep, d) in enumerate(panels):
+        batches = sorted({b for mm, e, dd, b, _ in cells if (mm, e, dd) == (m, ep, d)})
+        alphas = sorted({a for mm, e, dd, _, a in cells if (mm, e, dd) == (m, ep, d)})
+        best = torch.full((len(batches), len(alphas)), float("nan"))
+        auto = torch.full_like(best, float("nan"))
+        for r in rows:
+            if (r["model"], r["ep"], r["decay"]) != (m, ep, d):
+                continue
+            i, j = batches.index(r["batch"]), alphas.index(r["alpha"])
+            if r["policy"] == "auto":
+                auto[i, j] = r["mean_k"]
+        for i, b in enumerate(batches):
+            for j, a in enumerate(alphas):
+                cell = [r for r in rows if (r["model"], r["ep"], r["decay"], r["batch"], r["alpha"]) == (m, ep, d, b, a)]
+                fixed = [(r["tokens_per_s"], int(r["policy"][2:])) for r in cell if r["policy"].startswith("k=")]
+                off = next(r["tokens_per_s"] for r in cell if r["policy"] == "off")
+                bt, bk = max(fixed)
+                best[i, j] = bk if bt > off else 0
+        for col, (data, title) in enumerate(((best, "best fixed k (0: off)"), (auto, "auto: mean k chosen"))):
+            ax = axes[row][col]
+            im = ax.imshow(data.numpy(), vmin=0, vmax=max(ks), cmap="viridis", origin="lower", aspect="auto")
+            ax.set_xticks(range(len(alphas)), [str(a) for a in alphas])
+            ax.set_yticks(range(len(batches)), [str(b) for b in batches])
+            ax.set_xlabel("alpha")
+            ax.set_ylabel("batch")
+            ax.set_title(f"{m} ep={ep} decay={d}: {title}", fontsize=9)
+            for i in range(len(batches)):
+                for j in range(len(alphas)):
+                    v = data[i, j].item()
+                    if v == v:
+                        ax.text(j, i, f"{v:.1f}" if col else f"{int(v)}", ha="center", va="center", color="w",
+                                fontsize=8)
+            fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"heatmap written to {path}")
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="moe-bench,dense-bench", help="moe-bench and/or dense-bench")
+    ap.add_argument("--batch", default="1,2,4,8,16,32,64")
+    ap.add_argument("--alpha", default="0.3,0.5,0.7,0.9")
+    ap.add_argument("--decay", default="1.0,0.8", help="acceptance decay per draft position (1.0: flat)")
+    ap.add_argument("--ep", default="1", help="expert-parallel degrees (ep > 1 needs the EP runner)")
+    ap.add_argument("--ks", default="1,2,3,4,5,6,7,8", help="fixed k policies compared (auto may use up to 8)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--trace", action="store_true", help="also run the mixed trace")
+    ap.add_argument("--trace-only", action="store_true", help="run only the mixed trace")
+    ap.add_argument("--out", default=".cache", help="where the bench checkpoints are built or found")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--png", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    a.models = [m.strip() for m in a.model.split(",") if m.strip()]
+    bad = [m for m in a.models if m not in ("moe-bench", "dense-bench")]
+    if bad:
+        ap.error(f"--model {bad[0]!r}: expected moe-bench or dense-bench")
+    for name in ("batch", "ep", "ks"):
+        setattr(a, name + "_list", [int(x) for x in getattr(a, name).split(",") if x])
+    a.alpha_list = [float(x) for x in a.alpha.split(",") if x]
+    a.decay_list = [float(x) for x in a.decay.split(",") if x]
+    if any(not 0 <= x <= 1 for x in a.alpha_list + a.decay_list):
+        ap.error("alpha and decay must be in [0, 1]")
+    if any(not 1 <= k <= 8 for k in a.ks_list):
+        ap.error("--ks must be in 1..8")
+    return a
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    t_run = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t_run:5.0f} s] {msg}", file=sys.stderr, flush=True)
+    print("# specmoe speculation controller benchmark (SYNTHETIC drafter)\n")
+    print(f"command: {shlex.join([sys.executable] + sys.argv)}")
+    print(f"machine: {cpu_model()}, torch threads 1, device cpu, float32; commit {git_revision()}; "
+          f"load average at start {loadavg()}")
+    print(f"settings: prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, {args.reps} interleaved reps "
+          f"after one warm-up run per policy\n")
+    from specmoe.experts.runner import ModelRunner
+    root = Path(args.out)
+    builders = {"moe-bench": build_checkpoint, "dense-bench": build_dense_checkpoint}
+    rows, summary = [], []
+    max_b = max(args.batch_list)
+    for model in args.models:
+        path = builders[model](root / model, args.seed)
+        for ep in args.ep_list:
+            if ep == 1:
+                runner = ModelRunner.from_pretrained(path, max_seqs=max_b, max_seq_len=args.prompt_len +
+                                                     args.new_tokens + 16)
+            else:
+                from specmoe.experts.ep_runner import EPRunner
+                runner = EPRunner.from_pretrained(path, ep=ep, max_seqs=max_b,
+                                                  max_seq_len=args.prompt_len + args.new_tokens + 16)
+            V = runner.config.vocab_size
+            g = torch.Generator().manual_seed(args.seed)
+            pool = [torch.randint(0, V, (args.prompt_len,), generator=g).tolist() for _ in range(max_b)]
+            from specmoe import Engine, SamplingParams
+            ref = Engine(runner).generate(pool, SamplingParams(max_tokens=args.new_tokens, ignore_eos=True))
+            conts = {tuple(p): o.token_ids for p, o in zip(pool, ref)}
+            if not args.trace_only:
+                for decay in args.decay_list:
+                    for batch in args.batch_list:
+                        for alpha in args.alpha_list:
+                            res = run_cell(runner, pool[:batch], conts, batch, alpha, decay, args.ks_list,
+                                           args.reps, args.new_tokens, args.seed, V)
+                            for p, r in res.items():
+                                rows.append({"model": model, "ep": ep, "batch": batch, "alpha": alpha,
+                                             "decay": decay, "policy": p, "tokens_per_s": r["tokens_per_s"],
+                                             "tpot_ms": r["tpot_ms"], "mean_k": r["mean_k"]})
+                            off, bk, best, auto = fmt_cell(res, args.ks_list)
+                            summary.append((model, ep, decay, batch, alpha, off, bk, best, auto,
+                                            res["auto"]["mean_k"], res["auto"]["mape"], res["auto"]["overhead"]))
+                            log(f"{model} ep={ep} decay={decay} batch={batch} alpha={alpha}: off {off:.0f}, "
+                                f"best k={bk} {best:.0f}, auto {auto:.0f} ({auto / best:.2f}x best, "
+                                f"{auto / off:.2f}x off)")
+            if args.trace or args.trace_only:
+                phases = [(b, a) for b, a in ((1, 0.9), (16, 0.3), (4, 0.7), (max_b, 0.5), (2, 0.2), (8, 0.9))
+                          if b <= max_b]
+                res = run_trace(runner, pool, conts, phases, args.ks_list, args.reps, args.new_tokens,
+                                args.seed, V, log)
+                best_p = max((p for p in res if p.startswith("k=")), key=res.get)
+                print(f"\n## Mixed trace: {model}, ep {ep}, phases (batch, alpha) {phases}\n")
+                print("| policy | tokens/s | vs off | vs best fixed |")
+                print("|---|---:|---:|---:|")
+                for p, v in res.items():
+                    print(f"| {p} | {v:.1f} | {v / res['off']:.2f}x | {v / res[best_p]:.2f}x |")
+                print(f"\nauto / best single fixed k ({best_p}): {res['auto'] / res[best_p]:.3f}x")
+            if hasattr(runner, "close"):
+                runner.close()
+    if summary:
+        print("\n## Grid: committed tokens/s (median of interleaved reps)\n")
+        print("| model | ep | decay | batch | alpha | off | best fixed k | auto | auto mean k | auto / best | "
+              "auto / off | MAPE | overhead |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for m, ep, d, b, a, off, bk, best, auto, mk, mape, ovh in summary:
+            print(f"| {m} | {ep} | {d} | {b} | {a} | {off:.0f} | {best:.0f} (k={bk}) | {auto:.0f} | {mk:.2f} | "
+                  f"{auto / best:.2f}x | {auto / off:.2f}x | {mape * 100 if mape is not None else float('nan'):.0f}% | "
+                  f"{ovh * 100 if ovh is not None else float('nan'):.1f}% |")
+        ratios_best = [s[8] / s[7] for s in summary]
+        ratios_off = [s[8] / s[5] for s in summary]
+        print(f"\nauto / best fixed k: min {min(ratios_best):.2f}x, median {statistics.median(ratios_best):.2f}x; "
+              f"cells >= 0.97x: {sum(r >= 0.97 for r in ratios_best)}/{len(ratios_best)}")
+        print(f"auto / off: min {min(ratios_off):.2f}x, median {statistics.median(ratios_off):.2f}x; "
+              f"cells >= 0.98x: {sum(r >= 0.98 for r in ratios_off)}/{len(ratios_off)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+        print(f"\nrows written to {args.json}")
+    if args.png and rows:
+        heatmap(rows, args.png, args.ks_list)
+    log("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""The speculation controller: its cost model, acceptance estimate and plan in
+isolation (synthetic timings and acceptance whose truth the test knows), and
+"auto" end to end through the Engine (lossless, drafter skipped when drafting
+cannot pay)."""
+
+import numpy as np
+import pytest
+import torch
+
+from specmoe import Engine, SamplingParams
+from specmoe.drafter import SyntheticProposer
+from specmoe.experts.runner import ModelRunner
+from specmoe.router.acceptance import AcceptanceEstimator
+from specmoe.router.controller import Controller
+from specmoe.router.cost_model import CostModel, DistinctExperts, nnls
+from specmoe.router.params import SamplingParams as SP
+from specmoe.router.request import Request
+from specmoe.router.scheduler import Scheduled
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+V = 128
+
+
+@pytest.fixture(scope="module")
+def moe_path(tmp_path_factory):
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("ctl-moe")
+    MixtralForCausalLM(MixtralConfig(
+        vocab_size=V, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, initializer_range=0.2,
+        eos_token_id=None, bos_token_id=0)).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def runner(moe_path):
+    return ModelRunner.from_pretrained(moe_path, max_seqs=8, max_seq_len=128)
+
+
+def sched_for(n, cap=8, ctx=40, start_id=0):
+    out = []
+    for i in range(n):
+        r = Request(start_id + i, i, list(range(ctx)), SP(), cap, None, auto=True)
+        r.num_cached = ctx - 1
+        out.append(Scheduled(r, 1, cap, False))
+    return out
+
+
+# ---- pieces ------------------------------------------------------------------------------------------------
+
+def test_nnls_matches_brute_force_over_active_sets():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        A = rng.normal(size=(30, 4))
+        b = rng.normal(size=30)
+        x = nnls(A, b)
+        assert (x >= 0).all()
+        best = np.inf
+        for mask in range(16):           # every support; unconstrained lstsq on it, kept if feasible
+            cols = [j for j in range(4) if mask >> j & 1]
+            z = np.zeros(4)
+            if cols:
+                z[cols] = np.linalg.lstsq(A[:, cols], b, rcond=None)[0]
+            if (z >= -1e-12).all():
+                best = min(best, np.linalg.norm(A @ z - b))
+        assert np.linalg.norm(A @ x - b) <= best + 1e-9
+
+
+def test_acceptance_estimate_recovers_conditional_rates_under_censoring():
+    """Drafts accepted at position j with probability alpha*decay**j (given the
+    earlier ones were): the estimate is the conditional rate, even though deep
+    positions are only seen after every earlier one was accepted."""
+    rng = np.random.default_rng(1)
+    true = 0.9 * 0.85 ** np.arange(6)
+    est = AcceptanceEstimator(6, global_decay=1.0, request_decay=1.0)
+    for step in range(4000):
+        acc = 0
+        while acc < 6 and rng.random() < true[acc]:
+            acc += 1
+        est.observe([step % 7], [6], [acc])
+    np.testing.assert_allclose(est.global_curve[:4], true[:4], atol=0.03)
+    np.testing.assert_allclose(est.estimate([3])[0, :4], true[:4], atol=0.05)
+
+
+def test_acceptance_per_request_follows_its_own_rate():
+    est = AcceptanceEstimator(4)
+    for _ in range(200):
+        est.observe([1, 2], [4, 4], [4, 0])
+    a, b = est.estimate([1, 2])
+    assert a.min() > 0.8 and b[0] < 0.2
+
+
+def test_distinct_experts_learns_locality_exponent():
+    ex = DistinctExperts(64, 2)
+    rng = np.random.default_rng(2)
+    for _ in range(64):
+        q = rng.integers(1, 9, size=rng.integers(1, 16))
+        truth = 64 * (1 - (1 - 2 / 64) ** np.sum(q ** 0.5))
+        ex.observe(q, truth)
+    ex.fit()
+    assert abs(ex.beta - 0.5) < 0.051
+    # locality: 8 tokens of one sequence load fewer experts than 8 sequences of one token
+    assert ex.predict([8]) < ex.predict([1] * 8)
+
+
+def test_cost_model_ranks_plans_like_the_true_timings():
+    """Timings from a known linear model of the features, with noise: after
+    fitting online, the model orders a set of candidate plans as the truth does."""
+    cfg = ModelRunner  # noqa: F841  (documentation: the config below is what a runner would give)
+    from specmoe.experts.config import ModelConfig, MoEConfig
+    c = ModelConfig(family="mixtral", architecture="MixtralForCausalLM", vocab_size=V, hidden_size=64,
+                    num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64,
+                    moe=MoEConfig(num_experts=16, top_k=2, expert_ffn=64, layers=(0, 1, 2, 3)))
+    cm = CostModel(c)
+    true_c = np.array([2e-3, 1e-4, 3e-4, 2e-4, 5e-5, 0.0])
+    true_d = np.array([5e-4, 1e-4, 2e-4, 3e-4])
+    rng = np.random.default_rng(3)
+
+    def plan():
+        B = int(rng.integers(1, 17))
+        k = rng.integers(0, 9, size=B)
+        return 1 + k, rng.integers(10, 200, size=B), k
+    for _ in range(200):
+        q, ctx, k = plan()
+        x, z = cm.target_features(q, ctx), cm.draft_features(k)
+        cm.observe(x, z, float(true_c @ x) * rng.normal(1, 0.03), float(true_d @ z) * rng.normal(1, 0.03),
+                   cm.predict(x, z))
+    cm.refit()
+    plans = [plan() for _ in range(40)]
+    truth = [true_c @ cm.target_features(q, ctx) + true_d @ cm.draft_features(k) for q, ctx, k in plans]
+    pred = [cm.predict(cm.target_features(q, ctx), cm.draft_features(k)) for q, ctx, k in plans]
+    rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
+    spearman = np.corrcoef(rank(truth), rank(pred))[0, 1]
+    assert spearman > 0.98
+    assert cm.mape is not None and cm.mape < 0.1
+
+
+# ---- the plan ------------------------------------------------------------------------------------------------
+
+def _controller(runner, c, d, acceptance=None):
+    ctl = Controller(runner, None, k_max=8, profile=False)
+    ctl.cost.c, ctl.cost.d = np.array(c, dtype=float), np.array(d, dtype=float)
+    ctl.cost._prior_c, ctl.cost._prior_d = ctl.cost.c.copy(), ctl.cost.d.copy()   # as a profile would set
+    if acceptance is not None:
+        for _ in range(300):
+            ctl.acceptance.observe(list(range(100, 116)), [8] * 16,
+                                   [int(np.argmin(np.random.rand(8) < acceptance)) if acceptance < 1 else 8
+                                    for _ in range(16)])
+    return ctl
+
+
+def test_plan_drafts_nothing_when_drafting_cannot_pay(runner):
+    ctl = _controller(runner, [5e-3, 1e-4, 5e-4, 1e-4, 1e-5, 0], [1e-4, 1e-5, 1e-5, 1e-5], acceptance=0.0)
+    for B in (1, 4, 8):
+        s = sched_for(B)
+        ctl.plan(s, lambda e: True)
+        assert [e.k for e in s] == [0] * B
+
+
+def test_plan_drafts_deep_when_drafting_is_free(runner):
+    """A dense-like model (no expert term) whose extra tokens cost nothing and a
+    drafter that is always right: every request drafts its whole cap."""
+    ctl = _controller(runner, [5e-3, 1e-4, 0, 0, 0, 0], [0, 0, 0, 0], acceptance=1.0)
+    for B, cap in ((1, 8), (4, 5), (8, 8)):
+        s = sched_for(B, cap=cap)
+        ctl.plan(s, lambda e: True)
+        assert [e.k for e in s] == [cap] * B
+
+
+def test_plan_depth_falls_as_tokens_get_dearer(runner):
+    """Same acceptance, rising price per verified token: the chosen depth never rises."""
+    depths = []
+    for c_tok in (1e-5, 1e-4, 5e-4, 2e-3, 1e-2):
+        ctl = _controller(runner, [5e-3, 1e-4, c_tok, 0, 0, 0], [0, 0, 0, 0], acceptance=0.8)
+        s = sched_for(4)
+        ctl.plan(s, lambda e: True)
+        depths.append(np.mean([e.k for e in s]))
+    assert depths == sorted(depths, reverse=True) and depths[0] > depths[-1]
+    assert depths[-1] == 0
+
+
+def test_plan_prefers_requests_that_accept_more(runner):
+    ctl = _controller(runner, [5e-3, 1e-4, 8e-4, 0, 0, 0], [0, 0, 0, 0])
+    for _ in range(100):
+        ctl.acceptance.observe([0, 1], [8, 8], [8, 0])
+    s = sched_for(2)
+    ctl.plan(s, lambda e: True)
+    assert s[0].k > s[1].k
+
+
+def test_fallback_to_static_k_when_the_model_is_wrong(runner):
+    ctl = _controller(runner, [1e-3, 0, 0, 0, 0, 0], [0, 0, 0, 0], acceptance=0.0)
+    for step in range(20):
+        s = sched_for(2, start_id=0)
+        ctl.plan(s, lambda e: True)
+        ctl.observe([(e.req.id, e.k, 0, True) for e in s], [1 + e.k for e in s], [e.k for e in s],
+                    target_s=0.05, draft_s=0.0, step_s=0.05, distinct=None)   # 50x what it predicts
+    assert ctl.fallback and ctl.stats()["controller_fallback"] and ctl.stats()["cost_model_mape"] > 0.5
+    # the timing-free rule: draft while the next draft is accepted with probability >= 1/2
+    s = sched_for(2, start_id=50)
+    for _ in range(100):
+        ctl.acceptance.observe([50, 51], [8, 8], [8, 1])
+    ctl.plan(s, lambda e: True)
+    assert [e.k for e in s] == [ctl.fallback_k, 1]
+
+
+def test_steady_load_gives_a_steady_near_optimal_plan(runner):
+    """A simulated steady load (true step time from a fixed linear model,
+    acceptance 0.7 per position): after warm-up the plan's true expected goodput
+    is within 5% of the best uniform k's, and the depth does not swing between
+    extremes."""
+    true_c, true_d = np.array([5e-3, 2e-4, 6e-4, 1e-4, 0, 0]), np.array([2e-4, 5e-5, 5e-5, 1e-4])
+    ctl = _controller(runner, true_c, true_d)
+    rng = np.random.default_rng(4)
+
+    def goodput(ks):
+        x, z = ctl.cost.target_features([1 + k for k in ks], [39] * 4), ctl.cost.draft_features(ks)
+        value = sum(1 + sum(0.7 ** j for j in range(1, k + 1)) for k in ks)
+        return value / (true_c @ x + true_d @ z)
+    best_uniform = max(goodput([k] * 4) for k in range(9))
+    means, ratios = [], []
+    for step in range(300):
+        s = sched_for(4)
+        ctl.plan(s, lambda e: True)
+        ks = [e.k for e in s]
+        acc = []
+        for k in ks:
+            a = 0
+            while a < k and rng.random() < 0.7:
+                a += 1
+            acc.append(a)
+        x, z = ctl.cost.target_features([1 + k for k in ks], [39] * 4), ctl.cost.draft_features(ks)
+        t = float(true_c @ x)
+        ctl.observe([(e.req.id, k, a, True) for e, k, a in zip(s, ks, acc)], [1 + k for k in ks], ks,
+                    target_s=t, draft_s=float(true_d @ z), step_s=t, distinct=None)
+        means.append(np.mean(ks))
+        ratios.append(goodput(ks) / best_uniform)
+    late = np.array(means[100:])
+    assert np.mean(ratios[100:]) > 0.95
+    assert np.mean(np.abs(np.diff(late)) >= 4) < 0.02
+    assert not ctl.fallback
+
+
+# ---- end to end ----------------------------------------------------------------------------------------------
+
+PROMPTS = [[5, 9, 17, 5, 9, 17, 5, 9], [40, 41, 42, 43, 40, 41, 42, 43, 40, 41, 3], [7, 7, 7, 7],
+           [100, 3, 100, 4, 100, 5, 100, 3, 100]]
+
+
+@pytest.fixture(scope="module")
+def plain(runner):
+    outs = Engine(runner).generate(PROMPTS, SamplingParams(max_tokens=48, ignore_eos=True))
+    return [o.token_ids for o in outs]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0])
+def test_auto_is_lossless_with_a_synthetic_drafter(runner, plain, alpha):
+    conts = {tuple(p): o for p, o in zip(PROMPTS, plain)}
+    eng = Engine(runner, proposer=SyntheticProposer(conts, alpha, vocab_size=V, seed=1),
+                 speculation={"k": 8, "auto": True})
+    outs = eng.generate(PROMPTS, SamplingParams(max_tokens=48, ignore_eos=True))
+    assert [o.token_ids for o in outs] == plain
+    st = eng.stats()
+    assert st["controller_overhead"] is not None
+    assert (st["cost_model_mape"] is not None) == (eng.telemetry.steps > 8)   # reported once 8 steps are seen
+    hist = st["controller_k_histogram"]
+    curve = st["acceptance_curve"]
+    if alpha == 1.0:
+        assert sum(k * v for k, v in hist.items()) / sum(hist.values()) > 2 and curve[0] > 0.9
+    if alpha == 0.0:     # whether k stays 0 depends on the price of a token, which is ~0 on this tiny model
+        assert curve[0] < 0.1
+
+
+def test_auto_skips_the_drafter_when_nothing_should_draft(tmp_path):
+    """A model big enough that a verified token has a price (on the tiny test
+    model tokens are nearly free and even rare acceptance pays), and a drafter
+    that is always wrong: after a few early guesses and backed-off probes the
+    drafter is not called at all."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(0)
+    MixtralForCausalLM(MixtralConfig(
+        vocab_size=V, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=16, num_experts_per_tok=2, eos_token_id=None,
+        bos_token_id=0)).save_pretrained(tmp_path)
+    runner = ModelRunner.from_pretrained(tmp_path, max_seqs=2, max_seq_len=160)
+    prompt = PROMPTS[0]
+    want = Engine(runner).generate([prompt], SamplingParams(max_tokens=120, ignore_eos=True))[0].token_ids
+    prop = SyntheticProposer({tuple(prompt): want}, 0.0, vocab_size=V, seed=1)
+    calls = []
+    inner = prop.propose
+    prop.propose = lambda inputs: calls.append(eng.telemetry.steps) or inner(inputs)
+    eng = Engine(runner, proposer=prop, speculation={"k": 8, "auto": True})
+    out = eng.generate([prompt], SamplingParams(max_tokens=120, ignore_eos=True))[0]
+    assert out.token_ids == want
+    late = [s for s in calls if s >= 20]
+    assert len(late) <= 4, f"drafter called at steps {calls}"   # probes back off: 8, 16, 32, 64 steps apart
+
+
+@pytest.mark.parametrize("spec", [{"method": "ngram", "k": 6, "auto": True}, "auto"])
+def test_auto_with_real_drafters_is_lossless(moe_path, plain, spec):
+    eng = Engine.from_pretrained(moe_path, max_batch=8, max_seq_len=128, speculation=spec)
+    outs = eng.generate(PROMPTS, SamplingParams(max_tokens=48, ignore_eos=True))
+    assert [o.token_ids for o in outs] == plain
+    assert eng.controller is not None and eng.controller.cost.profile_seconds > 0
+
+
+def test_request_level_auto_on_a_fixed_k_engine(moe_path, plain):
+    eng = Engine.from_pretrained(moe_path, max_batch=8, max_seq_len=128,
+                                 speculation={"method": "ngram", "k": 3})
+    assert eng.controller is None
+    params = [SamplingParams(max_tokens=48, ignore_eos=True, speculation=s) for s in ("auto", None, "off", {"k": 2})]
+    outs = eng.generate(PROMPTS, params)
+    assert [o.token_ids for o in outs] == plain
+    assert eng.controller is not None and outs[2].stats.draft_tokens == 0
