@@ -196,6 +196,7 @@ class MoE(nn.Module):
 
     def forward(self, x):
         weights, ids = self.route(x)                              # (T, K) float32, (T, K)
+        self.stats.record_ids(self.layer, ids)
         if self.few_rows and ids.numel() <= self.few_rows:
             out = self._few_rows(x, weights, ids)
         else:

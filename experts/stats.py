@@ -11,6 +11,7 @@ import torch
 class RoutingSnapshot:
     tokens_per_expert: torch.Tensor   # (layers, E) int64 on the host, for the last forward
     distinct_experts: list[int]       # per layer (dense layers: 0)
+    token_experts: torch.Tensor | None = None   # (MoE layers, T, K) expert ids per token, when kept
 
     @property
     def mean_distinct(self) -> float:
@@ -21,6 +22,8 @@ class RoutingSnapshot:
 class RoutingStats:
     def __init__(self, num_layers: int, num_experts: int, device):
         self.counts = torch.zeros(num_layers, max(num_experts, 1), dtype=torch.int64, device=device)
+        self.keep_ids = False       # also keep each token's expert ids (the controller's expert-reuse plan)
+        self._ids: dict[int, torch.Tensor] = {}
 
     def reset(self) -> None:
         self.counts.zero_()
@@ -28,7 +31,17 @@ class RoutingStats:
     def record(self, layer: int, counts: torch.Tensor) -> None:
         self.counts[layer].copy_(counts, non_blocking=True)
 
+    def record_ids(self, layer: int, ids: torch.Tensor) -> None:
+        """(T, K) global expert ids of the forward's tokens at `layer` (kept only if keep_ids)."""
+        if self.keep_ids:
+            self._ids[layer] = ids
+
     def snapshot(self) -> RoutingSnapshot:
         """One host transfer for all layers."""
         host = self.counts.to("cpu", copy=True)  # a copy even on CPU: the buffer is reused next forward
-        return RoutingSnapshot(tokens_per_expert=host, distinct_experts=(host > 0).sum(dim=1).tolist())
+        ids = None
+        if self._ids:
+            ids = torch.stack([self._ids[k] for k in sorted(self._ids)]).cpu()
+            self._ids = {}
+        return RoutingSnapshot(tokens_per_expert=host, distinct_experts=(host > 0).sum(dim=1).tolist(),
+                               token_experts=ids)

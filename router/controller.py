@@ -32,6 +32,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from .acceptance import AcceptanceEstimator
 from .cost_model import CostModel
@@ -58,7 +59,7 @@ class Decision:
 
 class Controller:
     def __init__(self, runner, proposer, k_max: int = 8, *, fallback_k: int = 3, mape_bound: float = 0.5,
-                 margin: float = 0.01, max_backoff: int = 256, explore: float = 1.0, profile: bool = True, profile_budget_s: float = 3.0,
+                 margin: float = 0.01, max_backoff: int = 256, explore: float = 1.0, reuse_weight: float = 1.0, profile: bool = True, profile_budget_s: float = 3.0,
                  log=None):
         if k_max < 1:
             raise ValueError(f"controller k_max must be >= 1, got {k_max}")
@@ -72,6 +73,13 @@ class Controller:
             self.cost.profile(runner, proposer, budget_s=profile_budget_s, log=log)
         self._state: dict[int, _ReqState] = {}
         self._decision: Decision | None = None
+        # Expert reuse: each request's experts at its last step ((MoE layers, E) bool), where the
+        # runner can report per-token routing (in-process models; not across EP workers).
+        stats = getattr(model, "routing_stats", None)
+        self.reuse_weight = reuse_weight
+        self._recent: dict[int, torch.Tensor] = {}
+        if stats is not None and runner.config.moe is not None and reuse_weight > 0:
+            stats.keep_ids = True
         self.fallback = False
         self.k_chosen: Counter = Counter()
         self.overhead_s = 0.0       # planning + observing, summed
@@ -147,6 +155,7 @@ class Controller:
         cum = np.concatenate([np.zeros((len(ids), 1)), np.cumsum(est, axis=1)], axis=1).tolist()
         base = [float(q[i]) for i in auto]
         ctxs = [float(ctx[i]) for i in auto]
+        reuse = self._overlap(ids, [sched[i].req.id for i in range(len(sched))])
         qs = q.tolist()
         n = sum(qs)
         neff = sum(x ** beta for x in qs)
@@ -171,7 +180,8 @@ class Controller:
             """(dv, dT, new aggregates) of request j drafting kp instead of kk[j]."""
             dk = kp - kk[j]
             b = base[j] + kk[j]
-            neff_ = neff + (b + dk) ** beta - b ** beta
+            # tokens whose experts the rest of the step loads anyway add fewer new ones
+            neff_ = neff + ((b + dk) ** beta - b ** beta) * (1.0 - reuse[j])
             attn_ = attn + (dk * (ctxs[j] + b) + dk * (dk + 1) / 2) / 1000.0
             drafting_ = drafting + (kk[j] == 0)
             agg = (n + dk, neff_, attn_, drafting_, dtok + dk, max(depth, kp))
@@ -282,8 +292,42 @@ class Controller:
         st.window.clear()
         self.cooldowns += 1
 
+    def observe_routing(self, req_ids, lengths, token_experts: torch.Tensor | None) -> None:
+        """Remember which experts each request's tokens used this step.
+        token_experts: (MoE layers, T, K) ids of the step's T tokens, requests'
+        chunks back to back with `lengths` tokens each."""
+        if token_experts is None or not req_ids or self.reuse_weight <= 0:
+            return
+        t0 = time.perf_counter()
+        L, T, K = token_experts.shape
+        E = self.cost.experts.E
+        owner = torch.repeat_interleave(torch.arange(len(req_ids)), torch.tensor(lengths))     # (T,)
+        hit = torch.zeros(len(req_ids), L, E, dtype=torch.int32)
+        idx = (owner[None, :, None] * L + torch.arange(L)[:, None, None]) * E + token_experts.long()
+        hit.view(-1).index_add_(0, idx.reshape(-1), torch.ones(idx.numel(), dtype=torch.int32))
+        masks = hit > 0
+        for j, rid in enumerate(req_ids):
+            self._recent[rid] = masks[j]
+        self.overhead_s += time.perf_counter() - t0
+
+    def _overlap(self, auto_ids, step_ids) -> list[float]:
+        """Per auto request: the share of its recent experts that the step's other
+        requests used recently too (predicted to be loaded anyway), times reuse_weight."""
+        if not self._recent:
+            return [0.0] * len(auto_ids)
+        known = [rid for rid in step_ids if rid in self._recent]
+        if len(known) < 2:
+            return [0.0] * len(auto_ids)
+        masks = torch.stack([self._recent[rid] for rid in known]).to(torch.int32)   # (B, L, E)
+        counts = masks.sum(dim=0)
+        others = (counts[None] - masks) > 0
+        share = ((masks > 0) & others).sum(dim=(1, 2)) / masks.sum(dim=(1, 2)).clamp(min=1)
+        by_id = dict(zip(known, (share * self.reuse_weight).tolist()))
+        return [by_id.get(rid, 0.0) for rid in auto_ids]
+
     def forget(self, req_id: int) -> None:
         self._state.pop(req_id, None)
+        self._recent.pop(req_id, None)
         self.acceptance.forget(req_id)
 
     # ---- reporting -------------------------------------------------------------------------------------------
@@ -298,4 +342,5 @@ class Controller:
             "controller_probes": self.probes,
             "acceptance_curve": self.acceptance.global_curve.tolist(),
             "distinct_experts_beta": self.cost.experts.beta,
+            "expert_reuse_planning": bool(self._recent),
         }

@@ -189,6 +189,26 @@ def test_plan_prefers_requests_that_accept_more(runner):
     assert s[0].k > s[1].k
 
 
+def test_plan_drafts_deeper_where_experts_are_reused(runner):
+    """Requests 0 and 1 routed to the same experts last step, request 2 to
+    others; with equal acceptance and experts the main price, 0 and 1 draft
+    deeper than 2, whose new tokens would load new experts."""
+    ctl = _controller(runner, [5e-3, 1e-4, 1e-5, 4e-4, 0, 0], [0, 0, 0, 0], acceptance=0.6)
+    L = ctl.cost.moe_layers
+    te = torch.tensor([[[0, 1], [0, 1], [5, 6]]] * L)            # (layers, 3 tokens, K=2): one token each
+    ctl.observe_routing([0, 1, 2], [1, 1, 1], te)
+    assert ctl._overlap([0, 1, 2], [0, 1, 2]) == [1.0, 1.0, 0.0]
+    s = sched_for(3)
+    ctl.plan(s, lambda e: True)
+    k = [e.k for e in s]
+    assert k[0] == k[1] > k[2], k
+    ctl.reuse_weight = 0.0                       # without the preference all three are priced alike
+    ctl._recent.clear()
+    s = sched_for(3)
+    ctl.plan(s, lambda e: True)
+    assert len({e.k for e in s}) == 1
+
+
 def test_fallback_to_static_k_when_the_model_is_wrong(runner):
     ctl = _controller(runner, [1e-3, 0, 0, 0, 0, 0], [0, 0, 0, 0], acceptance=0.0)
     for step in range(20):
