@@ -10,14 +10,15 @@ the best expected tokens gained per second added,
 
     dV = sum_{k_i <= j < k'} prod_{m <= j} a_{i,m}      dT = cost(plan + ext) - cost(plan)
 
-and take it only while it raises goodput: dV > (V / T) * dT * (1 + margin).
+and take it only while it raises goodput: dV > (V / T) * dT * (1 + margin +
+hedge * MAPE), i.e. by more than the cost model's recent error can explain.
 Extensions of several tokens are priced whole, so a drafter's fixed cost
 (paid once, by the first request that drafts) does not stop a plan that pays
 only beyond one token. No request drafting means the drafter is skipped.
 
 Around the plan:
 - a request whose drafting realised fewer tokens than its break-even over a
-  window of steps is cooled down (k = 0) for a number of steps that doubles
+  window of 16 drafted steps (by more than two standard deviations) is cooled down (k = 0) for a number of steps that doubles
   each time (capped), then probed again with one draft; so is a request the
   plan has kept at 0 for that long, so estimates never freeze;
 - when the cost model's prediction error (MAPE over a window) exceeds a bound,
@@ -44,7 +45,7 @@ class _ReqState:
     backoff: int = 8                # steps of the next cool-down / probe interval
     cooldown: int = 0               # steps left with k forced to 0
     probe: bool = False             # draft one token next step to refresh the estimate
-    window: deque = field(default_factory=lambda: deque(maxlen=8))   # (accepted, break-even) per drafted step
+    window: deque = field(default_factory=lambda: deque(maxlen=16))  # (accepted, break-even) per drafted step
 
 
 @dataclass
@@ -59,12 +60,13 @@ class Decision:
 
 class Controller:
     def __init__(self, runner, proposer, k_max: int = 8, *, fallback_k: int = 3, mape_bound: float = 0.5,
-                 margin: float = 0.01, max_backoff: int = 256, explore: float = 1.0, reuse_weight: float = 1.0, profile: bool = True, profile_budget_s: float = 3.0,
+                 margin: float = 0.01, max_backoff: int = 256, explore: float = 1.0, reuse_weight: float = 1.0,
+                 replan_every: int = 16, hedge: float = 1.0, profile: bool = True, profile_budget_s: float = 3.0,
                  log=None):
         if k_max < 1:
             raise ValueError(f"controller k_max must be >= 1, got {k_max}")
         self.k_max, self.fallback_k, self.mape_bound = k_max, fallback_k, mape_bound
-        self.margin, self.max_backoff, self.explore = margin, max_backoff, explore
+        self.margin, self.max_backoff, self.explore, self.hedge = margin, max_backoff, explore, hedge
         self.acceptance = AcceptanceEstimator(k_max)
         model = getattr(runner, "model", None)
         itemsize = getattr(getattr(model, "dtype", None), "itemsize", 4)
@@ -78,14 +80,23 @@ class Controller:
         stats = getattr(model, "routing_stats", None)
         self.reuse_weight = reuse_weight
         self._recent: dict[int, torch.Tensor] = {}
+        self._ids_stats = None
         if stats is not None and runner.config.moe is not None and reuse_weight > 0:
             stats.keep_ids = True
+            self._ids_stats = stats
+        # Quiet: the last full plan drafted nothing; until a new request, a probe
+        # that is accepted or replan_every steps, steps skip the plan (and the drafter).
+        self.quiet = False
+        self._quiet_steps = 0
+        self.replan_every = replan_every
+        self.start_backoff = 8      # first probe interval of a new request (learned from probes' outcomes)
         self.fallback = False
         self.k_chosen: Counter = Counter()
         self.overhead_s = 0.0       # planning + observing, summed
         self.step_s = 0.0           # the steps' own time, summed (for the overhead fraction)
         self.cooldowns = 0
         self.probes = 0
+        self._observed = 0
         self.k_drafted_steps = 0
 
     # ---- planning --------------------------------------------------------------------------------------------
@@ -102,13 +113,28 @@ class Controller:
         k = np.zeros(len(sched))
         breakeven: dict[int, float] = {}
         predicted = None
+        if self.quiet and self._quiet_steps < self.replan_every and all(
+                sched[i].req.id in self._state for i in auto):
+            # Nothing drafted at the last full plan and nothing learned since: only probes draft.
+            self._quiet_steps += 1
+            for i in auto:
+                st = self._state[sched[i].req.id]
+                sched[i].k = 1 if st.probe and not st.cooldown else 0
+                self.k_chosen[sched[i].k] += 1
+            for i, s in enumerate(sched):
+                if is_auto(s) and (s.partial or i not in auto):
+                    s.k = 0
+            plan_s = time.perf_counter() - t0
+            self._decision = Decision(ctx, 0.0, {}, {}, plan_s)
+            self.overhead_s += plan_s
+            return
         if self.fallback:
             # Timing-free rule: draft while the next draft is expected accepted with
             # probability >= 1/2, at most fallback_k.
             ids = [sched[i].req.id for i in auto]
             surv = np.cumprod(self.acceptance.estimate(ids), axis=1) if ids else np.zeros((0, self.k_max))
             for j, i in enumerate(auto):
-                st = self._state.setdefault(ids[j], _ReqState())
+                st = self._new_state(ids[j])
                 want = 0 if st.cooldown > 0 else max(int(np.sum(surv[j] >= 0.5)), int(st.probe))
                 k[i] = min(want, self.fallback_k, sched[i].k)
         elif auto:
@@ -124,6 +150,10 @@ class Controller:
             predicted = self.cost.predict(self.cost.target_features(q + k, ctx),
                                           self.cost.draft_features(np.array(fixed_k) + k))
         planned = {sched[i].req.id: int(k[i]) for i in auto}
+        self.quiet = not self.fallback and bool(auto) and not any(planned.values())
+        self._quiet_steps = 0
+        if self._ids_stats is not None:
+            self._ids_stats.keep_ids = not self.quiet     # per-token routing only matters while drafting
         plan_s = time.perf_counter() - t0
         self._decision = Decision(ctx, predicted, breakeven, planned, plan_s)
         self.overhead_s += plan_s
@@ -144,7 +174,7 @@ class Controller:
         caps = [min(sched[i].k, self.k_max) for i in auto]
         probes = []
         for j, rid in enumerate(ids):          # cool-downs and probes
-            st = self._state.setdefault(rid, _ReqState())
+            st = self._new_state(rid)
             if st.cooldown > 0:
                 caps[j] = 0
             elif st.probe:
@@ -174,7 +204,9 @@ class Controller:
         T = max(price(n, neff, attn, drafting, dtok, depth), 1e-9)
         V = float(sampling)
         kk = [0] * len(ids)
-        margin = 1.0 + self.margin
+        # Hedge by the model's recent error: a gain the model cannot tell from noise is not taken.
+        mape = self.cost.mape
+        margin = 1.0 + self.margin + self.hedge * (mape if mape is not None else 0.1)
 
         def extension(j, kp):
             """(dv, dT, new aggregates) of request j drafting kp instead of kk[j]."""
@@ -235,7 +267,9 @@ class Controller:
         distinct: measured distinct experts per layer (None if not recorded)."""
         t0 = time.perf_counter()
         d = self._decision
-        if d is not None and len(d.ctx) == len(q):
+        self._observed += 1
+        sample = not self.quiet or self._observed % 8 == 0      # quiet steps: 1 in 8 feeds the cost model
+        if d is not None and len(d.ctx) == len(q) and sample:
             x = self.cost.target_features(q, d.ctx)
             z = self.cost.draft_features(drafts)
             predicted = self.cost.predict(x, z)          # the model's price of what actually ran
@@ -249,7 +283,7 @@ class Controller:
         for rid, drafted, accepted, auto in results:
             if not auto:
                 continue
-            st = self._state.setdefault(rid, _ReqState())
+            st = self._new_state(rid)
             if st.cooldown > 0:
                 st.cooldown -= 1
                 if st.cooldown == 0:
@@ -261,12 +295,17 @@ class Controller:
                 if st.probe:                # a probe only refreshes the estimate; the plan decides
                     st.probe = False
                     self.probes += 1
+                    if accepted:
+                        self.quiet = False
+                        self.start_backoff = max(8, self.start_backoff // 2)
+                    else:
+                        self.start_backoff = min(self.start_backoff * 2, self.max_backoff)
                     continue
                 st.window.append((accepted, d.breakeven.get(rid, 0.0) if d else 0.0))
                 if len(st.window) == st.window.maxlen:
                     got = sum(a for a, _ in st.window)
                     need = sum(b for _, b in st.window)
-                    if got < need:
+                    if got + 2.0 * (got + 1.0) ** 0.5 < need:     # below break-even beyond chance
                         self._cool(st)
                     else:
                         st.backoff = 8
@@ -285,6 +324,12 @@ class Controller:
                 self.fallback = False
         self.step_s += step_s
         self.overhead_s += time.perf_counter() - t0
+
+    def _new_state(self, rid: int) -> _ReqState:
+        st = self._state.get(rid)
+        if st is None:     # a new request starts probing at the interval its predecessors reached
+            st = self._state[rid] = _ReqState(backoff=self.start_backoff)
+        return st
 
     def _cool(self, st: _ReqState) -> None:
         st.cooldown = st.backoff

@@ -272,9 +272,10 @@ class CostModel:
         V = self.config.vocab_size
         gen = torch.Generator().manual_seed(1)
         ids = iter(range(-1, -10_000, -1))        # request ids no real request has
-        for B in (1, 4):
+        room = getattr(getattr(proposer, "cache", None), "free_slots", 4)
+        for B in sorted({1, min(4, room)}):
             for k in (1, 4):
-                if time.perf_counter() > deadline:
+                if time.perf_counter() > deadline or B < 1:
                     break
                 try:
                     reqs = [next(ids) for _ in range(B)]

@@ -132,6 +132,58 @@ def run_trace(runner, prompt_pool, conts, phases, ks, reps, new_tokens, seed, V,
     return {p: statistics.median(xs) for p, xs in samples.items()}
 
 
+def run_real(args, log):
+    """The bundled trained pair with the real drafters, on held-out prompts."""
+    from eval_bundled import held_out_prompts
+
+    from specmoe import Engine, SamplingParams
+    from specmoe.experts.checkpoint import bundled_model
+    from specmoe.experts.runner import ModelRunner
+    moe, draft = bundled_model("tiny-moe"), bundled_model("tiny-draft")
+    max_b = max(args.batch_list)
+    runner = ModelRunner.from_pretrained(moe, max_seqs=max_b, max_seq_len=args.prompt_len + args.new_tokens + 16)
+    tok = Engine.from_pretrained(moe, max_batch=1, max_seq_len=64).tokenizer
+    pool = held_out_prompts(tok, max_b, args.prompt_len)
+    params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
+    drafters = {"ngram": {"method": "ngram"}, "draft_model": {"method": "draft_model", "draft_model": str(draft)},
+                "layer_skip": {"method": "layer_skip", "layers": 1}}
+    rows, table = [], []
+    for name, spec in drafters.items():
+        for batch in args.batch_list:
+            prompts = pool[:batch]
+            engines = {}
+            for p in policies(args.ks_list):
+                if p == "off":
+                    engines[p] = Engine(runner)
+                elif p == "auto":
+                    engines[p] = Engine(runner, speculation={**spec, "k": max(KS), "auto": True})
+                else:
+                    engines[p] = Engine(runner, speculation={**spec, "k": int(p[2:])})
+                timed_generate(engines[p], prompts, params)          # warm-up
+            samples = {p: [] for p in engines}
+            for r in range(args.reps):
+                for p in rotate(list(engines), r):
+                    samples[p].append(timed_generate(engines[p], prompts, params))
+            res = {p: statistics.median(x[0] for x in xs) for p, xs in samples.items()}
+            mean_k = statistics.mean(x[2] for x in samples["auto"])
+            for p, xs in samples.items():
+                rows.append({"model": "tiny-moe (bundled)", "drafter": name, "ep": 1, "batch": batch, "alpha": None,
+                             "decay": None, "policy": p, "tokens_per_s": res[p],
+                             "tpot_ms": statistics.median(x[1] for x in xs),
+                             "mean_k": statistics.mean(x[2] for x in xs)})
+            best_p = max((p for p in res if p.startswith("k=")), key=res.get)
+            table.append((name, batch, res["off"], best_p, res[best_p], res["auto"], mean_k))
+            log(f"real {name} batch={batch}: off {res['off']:.0f}, best {best_p} {res[best_p]:.0f}, "
+                f"auto {res['auto']:.0f} (mean k {mean_k:.2f})")
+    print("\n## Real drafters: bundled tiny-moe, held-out prompts, committed tokens/s\n")
+    print("| drafter | batch | off | best fixed k | auto | auto mean k | auto / best | auto / off |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, b, off, bp, best, auto, mk in table:
+        print(f"| {name} | {b} | {off:.0f} | {best:.0f} ({bp}) | {auto:.0f} | {mk:.2f} | {auto / best:.2f}x | "
+              f"{auto / off:.2f}x |")
+    return rows
+
+
 def fmt_cell(res, ks):
     off = res["off"]["tokens_per_s"]
     best_k = max(ks, key=lambda k: res[f"k={k}"]["tokens_per_s"])
@@ -202,6 +254,9 @@ def parse_args(argv):
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--trace", action="store_true", help="also run the mixed trace")
     ap.add_argument("--trace-only", action="store_true", help="run only the mixed trace")
+    ap.add_argument("--real", action="store_true",
+                    help="also run the bundled trained model with the real drafters (ngram, draft_model, layer_skip)")
+    ap.add_argument("--real-only", action="store_true", help="run only the real-drafter section")
     ap.add_argument("--out", default=".cache", help="where the bench checkpoints are built or found")
     ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None)
@@ -240,7 +295,7 @@ def main(argv=None) -> int:
     builders = {"moe-bench": build_checkpoint, "dense-bench": build_dense_checkpoint}
     rows, summary = [], []
     max_b = max(args.batch_list)
-    for model in args.models:
+    for model in ([] if args.real_only else args.models):
         path = builders[model](root / model, args.seed)
         for ep in args.ep_list:
             if ep == 1:
@@ -301,11 +356,14 @@ def main(argv=None) -> int:
               f"cells >= 0.97x: {sum(r >= 0.97 for r in ratios_best)}/{len(ratios_best)}")
         print(f"auto / off: min {min(ratios_off):.2f}x, median {statistics.median(ratios_off):.2f}x; "
               f"cells >= 0.98x: {sum(r >= 0.98 for r in ratios_off)}/{len(ratios_off)}")
+    if args.real or args.real_only:
+        rows += run_real(args, log)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
         print(f"\nrows written to {args.json}")
-    if args.png and rows:
-        heatmap(rows, args.png, args.ks_list)
+    grid_rows = [r for r in rows if r["alpha"] is not None]
+    if args.png and grid_rows:
+        heatmap(grid_rows, args.png, args.ks_list)
     log("done")
     return 0
 
