@@ -381,7 +381,7 @@ class Engine:
             plan_s = ctl._decision.plan_s if ctl._decision else 0.0
             report.phase_s["plan"] = plan_s
             report.phase_s["schedule"] -= plan_s
-            if out.routing is not None and out.routing.token_experts is not None:
+            if out.routing is not None and out.routing.token_experts is not None and not ctl.quiet:
                 ctl.observe_routing([s.req.id for s in plan], [len(c.tokens) for c in chunks],
                                     out.routing.token_experts)
             ctl.observe(results, [len(c.tokens) for c in chunks], [len(d) for d in drafts],
