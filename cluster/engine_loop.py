@@ -148,20 +148,20 @@ class EngineLoop:
         self._fail_all("server shutting down")
 
     def _rank_tokens(self, rep) -> list[int]:
-        """Routed tokens per EP rank this step: the EP runner's own count when it reports one,
-        else tokens per expert summed by the placement's owner (one rank without EP)."""
-        per_rank = rep.extra.get("tokens_per_rank")
-        if isinstance(per_rank, list):
-            return [int(n) for n in per_rank]
-        if not rep.tokens_per_expert:
-            return []
+        """Routed (token, expert) rows per EP rank this step: tokens per expert summed by the
+        placement's owner (one rank without EP), else the EP runner's per-rank local-expert counts."""
         owner = getattr(getattr(self.engine.runner, "placement", None), "owner", None)
-        out: list[int] = []
-        for e, n in enumerate(sum(col) for col in zip(*rep.tokens_per_expert)):
-            r = owner[e] if owner else 0
-            out += [0] * (r + 1 - len(out))
-            out[r] += n
-        return out
+        if rep.tokens_per_expert:
+            out: list[int] = []
+            for e, n in enumerate(sum(col) for col in zip(*rep.tokens_per_expert)):
+                r = owner[e] if owner else 0
+                out += [0] * (r + 1 - len(out))
+                out[r] += n
+            return out
+        local = rep.extra.get("tokens_per_local_expert")   # [rank][layer][local expert]
+        if isinstance(local, list):
+            return [int(sum(sum(layer) for layer in rank)) for rank in local]
+        return []
 
     def _fail_all(self, message: str) -> None:
         for rid, h in list(self._live.items()):

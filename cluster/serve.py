@@ -63,7 +63,12 @@ def run(cfg: ServeConfig, log=print) -> int:
 def _child_main() -> None:
     """The serving process of a local instance: config as JSON on stdin."""
     cfg = msgspec.json.decode(sys.stdin.buffer.read(), type=ServeConfig)
-    sys.exit(_serve(cfg, print))
+    try:
+        code = _serve(cfg, print)
+    except (ValueError, RuntimeError, ConnectionError) as e:
+        print(f"specmoe: error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
 
 
 def _serve(cfg: ServeConfig, log) -> int:

@@ -95,7 +95,10 @@ class Servicer(pb_grpc.SpecMoEServicer):
 
     def _stream(self, ids, params, context, t0):
         h = self.loop.submit(ids, params)
-        context.add_callback(lambda: self.loop.abort(h))   # runs on cancel, deadline and normal end
+        # Runs on cancel, deadline and normal end; False if the call has already ended.
+        if not context.add_callback(lambda: self.loop.abort(h)):
+            self.loop.abort(h)
+            return
         first, t_first, n_tokens = True, None, 0
         while True:
             try:
