@@ -21,7 +21,8 @@ Around the plan:
   window of 16 drafted steps (by more than two standard deviations) is cooled down (k = 0) for a number of steps that doubles
   each time (capped), then probed again with one draft; so is a request the
   plan has kept at 0 for that long, so estimates never freeze;
-- when the cost model's prediction error (MAPE over a window) exceeds a bound,
+- when the cost model's prediction error (MAPE over a window, the worst 10% of
+  steps left out) exceeds a bound,
   the plan ignores timings until it recovers (and `stats` says so): each auto
   request drafts while its next draft is expected accepted with probability
   >= 1/2, at most `fallback_k` tokens;
@@ -59,7 +60,7 @@ class Decision:
 
 
 class Controller:
-    def __init__(self, runner, proposer, k_max: int = 8, *, fallback_k: int = 3, mape_bound: float = 0.5,
+    def __init__(self, runner, proposer, k_max: int = 8, *, fallback_k: int = 4, mape_bound: float = 0.5,
                  margin: float = 0.01, max_backoff: int = 256, explore: float = 1.0, reuse_weight: float = 1.0,
                  replan_every: int = 16, hedge: float = 1.0, profile: bool = True, profile_budget_s: float = 3.0,
                  log=None):
@@ -205,7 +206,7 @@ class Controller:
         V = float(sampling)
         kk = [0] * len(ids)
         # Hedge by the model's recent error: a gain the model cannot tell from noise is not taken.
-        mape = self.cost.mape
+        mape = self.cost.trimmed_mape
         margin = 1.0 + self.margin + self.hedge * (mape if mape is not None else 0.1)
 
         def extension(j, kp):
@@ -316,7 +317,7 @@ class Controller:
                     st.idle = 0
                     st.probe = True
                     st.backoff = min(st.backoff * 2, self.max_backoff)
-        mape = self.cost.mape
+        mape = self.cost.trimmed_mape
         if mape is not None:
             if not self.fallback and mape > self.mape_bound:
                 self.fallback = True
@@ -380,6 +381,7 @@ class Controller:
     def stats(self) -> dict:
         return {
             "cost_model_mape": self.cost.mape,
+            "cost_model_trimmed_mape": self.cost.trimmed_mape,
             "controller_fallback": self.fallback,
             "controller_overhead": self.overhead_s / self.step_s if self.step_s else None,
             "controller_k_histogram": dict(self.k_chosen),

@@ -321,17 +321,40 @@ class CostModel:
         self.d = self._fit(self._z, self._profile_z, self._prior_d, self.d)
 
     def _fit(self, window, anchors, prior, current):
+        """NNLS, then again without the steps it fits worst beyond 3 median
+        absolute deviations (a step stretched by another process on the machine
+        says nothing about the plan's price)."""
         pts = list(window) + list(anchors)
         if len(pts) < 4:
             return current
         A = np.array([p[0] for p in pts])
         b = np.array([p[1] for p in pts])
-        if prior is not None:
-            lam = np.sqrt(self.prior_weight * len(pts)) * np.maximum(A.std(axis=0), 1e-9)
-            A = np.vstack([A, np.diag(lam)])
-            b = np.concatenate([b, lam * prior])
-        return nnls(A, b)
+        for _ in range(2):
+            AA, bb = A, b
+            if prior is not None:
+                lam = np.sqrt(self.prior_weight * len(A)) * np.maximum(A.std(axis=0), 1e-9)
+                AA = np.vstack([A, np.diag(lam)])
+                bb = np.concatenate([b, lam * prior])
+            coef = nnls(AA, bb)
+            res = np.abs(A @ coef - b)
+            keep = res <= 3.0 * np.median(res) + 1e-9
+            if keep.all() or keep.sum() < 4:
+                break
+            A, b = A[keep], b[keep]
+        return coef
 
     @property
     def mape(self) -> float | None:
+        """Mean absolute percentage error of the last 64 predictions (None before 8)."""
         return self._err_sum / len(self._err) if len(self._err) >= 8 else None
+
+    @property
+    def trimmed_mape(self) -> float | None:
+        """The same without the worst 10% of steps: what the fallback decision
+        reads, so a few steps stretched by other load on the machine do not
+        switch the plan off."""
+        if len(self._err) < 8:
+            return None
+        e = sorted(self._err)
+        e = e[:max(1, int(len(e) * 0.9))]
+        return sum(e) / len(e)

@@ -132,6 +132,10 @@ def run_trace(runner, prompt_pool, conts, phases, ks, reps, new_tokens, seed, V,
     return {p: statistics.median(xs) for p, xs in samples.items()}
 
 
+def tokens_for(args, batch: int) -> int:
+    return max(args.new_tokens, -(-args.min_tokens // batch))
+
+
 def run_real(args, log):
     """The bundled trained pair with the real drafters, on held-out prompts."""
     from eval_bundled import held_out_prompts
@@ -141,16 +145,17 @@ def run_real(args, log):
     from specmoe.experts.runner import ModelRunner
     moe, draft = bundled_model("tiny-moe"), bundled_model("tiny-draft")
     max_b = max(args.batch_list)
-    runner = ModelRunner.from_pretrained(moe, max_seqs=max_b, max_seq_len=args.prompt_len + args.new_tokens + 16)
+    runner = ModelRunner.from_pretrained(moe, max_seqs=max_b,
+                                         max_seq_len=args.prompt_len + tokens_for(args, min(args.batch_list)) + 16)
     tok = Engine.from_pretrained(moe, max_batch=1, max_seq_len=64).tokenizer
     pool = held_out_prompts(tok, max_b, args.prompt_len)
-    params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
     drafters = {"ngram": {"method": "ngram"}, "draft_model": {"method": "draft_model", "draft_model": str(draft)},
                 "layer_skip": {"method": "layer_skip", "layers": 1}}
     rows, table = [], []
     for name, spec in drafters.items():
         for batch in args.batch_list:
             prompts = pool[:batch]
+            params = SamplingParams(max_tokens=tokens_for(args, batch), ignore_eos=True)
             engines = {}
             for p in policies(args.ks_list):
                 if p == "off":
@@ -251,6 +256,9 @@ def parse_args(argv):
     ap.add_argument("--ks", default="1,2,3,4,5,6,7,8", help="fixed k policies compared (auto may use up to 8)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--min-tokens", type=int, default=256,
+                    help="each run commits at least this many tokens in all: small batches generate "
+                         "ceil(min_tokens / batch) per request, so the synthetic coin flips average out")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--trace", action="store_true", help="also run the mixed trace")
     ap.add_argument("--trace-only", action="store_true", help="run only the mixed trace")
@@ -288,8 +296,8 @@ def main(argv=None) -> int:
     print(f"command: {shlex.join([sys.executable] + sys.argv)}")
     print(f"machine: {cpu_model()}, torch threads 1, device cpu, float32; commit {git_revision()}; "
           f"load average at start {loadavg()}")
-    print(f"settings: prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, {args.reps} interleaved reps "
-          f"after one warm-up run per policy\n")
+    print(f"settings: prompt {args.prompt_len} tokens, max({args.new_tokens}, ceil({args.min_tokens} / batch)) new "
+          f"tokens per request, {args.reps} interleaved reps after one warm-up run per policy\n")
     from specmoe.experts.runner import ModelRunner
     root = Path(args.out)
     builders = {"moe-bench": build_checkpoint, "dense-bench": build_dense_checkpoint}
@@ -298,25 +306,25 @@ def main(argv=None) -> int:
     for model in ([] if args.real_only else args.models):
         path = builders[model](root / model, args.seed)
         for ep in args.ep_list:
+            seq_len = args.prompt_len + tokens_for(args, min(args.batch_list)) + 16
             if ep == 1:
-                runner = ModelRunner.from_pretrained(path, max_seqs=max_b, max_seq_len=args.prompt_len +
-                                                     args.new_tokens + 16)
+                runner = ModelRunner.from_pretrained(path, max_seqs=max_b, max_seq_len=seq_len)
             else:
                 from specmoe.experts.ep_runner import EPRunner
-                runner = EPRunner.from_pretrained(path, ep=ep, max_seqs=max_b,
-                                                  max_seq_len=args.prompt_len + args.new_tokens + 16)
+                runner = EPRunner.from_pretrained(path, ep=ep, max_seqs=max_b, max_seq_len=seq_len)
             V = runner.config.vocab_size
             g = torch.Generator().manual_seed(args.seed)
             pool = [torch.randint(0, V, (args.prompt_len,), generator=g).tolist() for _ in range(max_b)]
             from specmoe import Engine, SamplingParams
-            ref = Engine(runner).generate(pool, SamplingParams(max_tokens=args.new_tokens, ignore_eos=True))
+            ref = Engine(runner).generate(pool, SamplingParams(max_tokens=tokens_for(args, min(args.batch_list)),
+                                                               ignore_eos=True))
             conts = {tuple(p): o.token_ids for p, o in zip(pool, ref)}
             if not args.trace_only:
                 for decay in args.decay_list:
                     for batch in args.batch_list:
                         for alpha in args.alpha_list:
                             res = run_cell(runner, pool[:batch], conts, batch, alpha, decay, args.ks_list,
-                                           args.reps, args.new_tokens, args.seed, V)
+                                           args.reps, tokens_for(args, batch), args.seed, V)
                             for p, r in res.items():
                                 rows.append({"model": model, "ep": ep, "batch": batch, "alpha": alpha,
                                              "decay": decay, "policy": p, "tokens_per_s": r["tokens_per_s"],
