@@ -8,8 +8,8 @@ bytes to every worker, waits for all `StepResult`s with a deadline and
 reassembles the logits in chunk order.
 
 Start-up: placement group (PACK or SPREAD, optional custom resources per
-bundle) -> one actor per bundle -> rank 0 picks a free port on its node ->
-every rank joins the torch.distributed group there (gloo on CPU, NCCL on
+bundle) -> one actor per bundle -> rank 0 starts a TCPStore on port 0 of its node (the OS picks
+a free port) -> every rank joins the torch.distributed group there (gloo on CPU, NCCL on
 CUDA, with a collective timeout) and loads the dense weights and its experts.
 
 Failure: a worker that dies (or a step that outlives `step_timeout_s`) is
@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 
 _decode_result = msgspec.msgpack.Decoder(StepResult)
 _encode = msgspec.msgpack.Encoder()
+
+
+def _plain(resources: dict) -> dict:
+    """Resources without Ray's per-placement-group and per-node entries."""
+    return {k: v for k, v in resources.items() if "_group_" not in k and not k.startswith("node:")}
 
 
 class EPWorkerError(RuntimeError):
@@ -147,8 +152,8 @@ class EPRunner:
         if not ready:
             self.close()
             raise EPWorkerError(f"placement group of {ep} bundles {bundle} ({placement_strategy}) could not be "
-                                f"placed within {startup_timeout_s:.0f} s; cluster resources: "
-                                f"{ray.cluster_resources()}")
+                                f"placed within {startup_timeout_s:.0f} s; available now: {_plain(ray.available_resources())}, "
+                                f"in the cluster: {_plain(ray.cluster_resources())}")
         actor = ray.remote(EPWorker)
         threads = max(1, int(num_cpus_per_worker)) if not cuda else 1
         enc = _encode.encode(self.placement)
@@ -160,7 +165,7 @@ class EPRunner:
             ).remote(str(self.checkpoint.path), r, enc, device, dtype, max_seqs, max_seq_len, threads))
         try:
             self.nodes = self._gather([w.node.remote() for w in self.workers], "start-up", startup_timeout_s)
-            host, port = self._gather([self.workers[0].rendezvous.remote()], "rendezvous", startup_timeout_s)[0]
+            host, port = self._gather([self.workers[0].rendezvous.remote(collective_timeout_s)], "rendezvous", startup_timeout_s)[0]
             self.worker_info = self._gather([w.init.remote(host, port, collective_timeout_s, comm) for w in self.workers],
                                             f"process group at {host}:{port}", startup_timeout_s)
         except BaseException:
@@ -184,21 +189,29 @@ class EPRunner:
         """Results of one call per worker (refs in rank order), polling so a dead
         worker is seen at once; any failure stops every worker and raises."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError, RayError
+        from ray.exceptions import RayActorError, RayError
         if self._error:
             raise EPWorkerError(self._error)
         index = {r: i for i, r in enumerate(refs)}
         out, pending = [None] * len(refs), list(refs)
         deadline = time.monotonic() + timeout_s
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=self.poll_s)
-            for ref in ready:
+            # All at once (one call per step when healthy); a dead worker's call is "ready" with its error.
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=self.poll_s)
+            try:
+                values = ray.get(ready)
+            except RayError:
+                values = None             # find below which one failed
+            for i, ref in enumerate(ready):
+                if values is not None:
+                    out[index[ref]] = values[i]
+                    continue
                 try:
                     out[index[ref]] = ray.get(ref)
                 except RayError as e:
                     rank = index[ref] if len(refs) == self.W else 0
                     # A survivor's collective error can arrive before the dead rank's: name a dead one if any.
-                    dead = self._dead_ranks(pending, index)
+                    dead = self._dead_ranks(refs, index)
                     who = dead[0] if dead else rank
                     kind = "died" if dead or isinstance(e, RayActorError) else "failed"
                     self._fail(f"EP worker rank {who} of {self.W} {kind} during {what}: "
@@ -238,7 +251,8 @@ class EPRunner:
         dead = []
         if not pending:
             return dead
-        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=min(1.0, 5 * self.poll_s))
+        # Ray may report the death a little after a survivor's collective fails: wait up to 2 s for it.
+        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=2.0)
         for ref in ready:
             try:
                 ray.get(ref)

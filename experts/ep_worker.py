@@ -16,7 +16,6 @@ Slots: global slot s lives on rank s % W, at local slot s // W.
 """
 
 import os
-import socket
 import time
 from datetime import timedelta
 
@@ -61,13 +60,6 @@ _decode_plan = msgspec.msgpack.Decoder(StepPlan)
 _encode = msgspec.msgpack.Encoder()
 
 
-def free_port(host: str) -> int:
-    """A port the OS considers free on `host` (bind to 0, read it, release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 class EPWorker:
     """The actor body (ep_runner wraps it with ray.remote and its resources)."""
 
@@ -82,6 +74,7 @@ class EPWorker:
         self.local_slots = -(-max_seqs // self.W)         # ceil: slots s with s % W == rank, at most
         self.runner = None
         self.caches = {}
+        self._store = None
 
     def node(self) -> tuple[str, str, int]:
         """(Ray node id, the node's address as Ray knows it, pid)."""
@@ -91,11 +84,15 @@ class EPWorker:
                   ray.util.get_node_ip_address())
         return node_id, ip, os.getpid()
 
-    def rendezvous(self) -> tuple[str, int]:
-        """Rank 0 only: an address for the process group, chosen now on this
-        node's Ray address (127.0.0.1 when Ray was started bound to it)."""
+    def rendezvous(self, timeout_s: float) -> tuple[str, int]:
+        """Rank 0 only: start the process group's TCPStore on this node's Ray
+        address (127.0.0.1 when Ray runs there) with port 0, so the OS picks a
+        free port atomically (no pick-then-bind race), and return the address."""
+        from torch.distributed import TCPStore
         host = self.node()[1]
-        return host, free_port(host)
+        self._store = TCPStore(host, 0, self.W, is_master=True, timeout=timedelta(seconds=timeout_s),
+                               wait_for_workers=False)
+        return host, self._store.port
 
     def init(self, host: str, port: int, timeout_s: float, comm: str = "torch") -> dict:
         """Join the process group, then load the dense weights and this rank's
@@ -110,7 +107,9 @@ class EPWorker:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         if self.device.type == "cuda":
             torch.cuda.set_device(0)     # Ray leaves one visible GPU per worker
-        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=self.W,
+        store = self._store if self.rank == 0 else dist.TCPStore(host, port, self.W, is_master=False,
+                                                                 timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.W,
                                 timeout=timedelta(seconds=timeout_s))
         experts = self.placement.experts_of(self.rank)
         wrapper = None

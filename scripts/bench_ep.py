@@ -130,20 +130,19 @@ def main():
     print("command:", " ".join(shlex.quote(x) for x in [".venv/bin/python", "scripts/bench_ep.py", *sys.argv[1:]]))
     print(f"machine: {os.cpu_count()} cores, {cpu_model()}, device {a.device}, torch {torch.__version__}, "
           f"ray {ray.__version__}; load average {os.getloadavg()[0]:.2f}")
-    ray.init(num_cpus=max(4, int(max(eps) * a.cpus_per_worker * len(controls) * len(comms) + 1)),
+    # the comm comparison needs an all-to-all (EP > 1); one control plane is enough for it
+    setups = [(ep, control, comm) for ep in eps for control in controls for comm in comms
+              if comm == "torch" or (ep > 1 and control == controls[0])]
+    workers = sum(ep for ep, _, _ in setups)
+    ray.init(address="local", num_cpus=int(workers * a.cpus_per_worker) + 2,
              include_dashboard=False, logging_level="ERROR")
     configs = [Config("embedded", ModelRunner.from_pretrained(model, device=a.device, max_seqs=max_seqs,
                                                               max_seq_len=max_len), embedded=True)]
     try:
-        for ep in eps:
-            for control in controls:
-                for comm in comms:
-                    if comm == "deepspeed" and (ep == 1 or control != controls[0]):
-                        continue      # the comm comparison needs an all-to-all; one control plane is enough
-                    r = EPRunner.from_pretrained(model, ep=ep, device=a.device, max_seqs=max_seqs,
-                                                 max_seq_len=max_len, num_cpus_per_worker=a.cpus_per_worker,
-                                                 control=control, comm=comm)
-                    configs.append(Config(f"EP={ep} {control}" + (f" {comm}" if comm != "torch" else ""), r))
+        for ep, control, comm in setups:
+            r = EPRunner.from_pretrained(model, ep=ep, device=a.device, max_seqs=max_seqs, max_seq_len=max_len,
+                                         num_cpus_per_worker=a.cpus_per_worker, control=control, comm=comm)
+            configs.append(Config(f"EP={ep} {control}" + (f" {comm}" if comm != "torch" else ""), r))
         V = configs[0].runner.config.vocab_size
         g = torch.Generator().manual_seed(0)
         for B in batches:
