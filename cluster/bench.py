@@ -6,6 +6,10 @@ speculation stats the stream carries (acceptance, chosen k).
     from specmoe.cluster.bench import run_bench
     r = run_bench("127.0.0.1:50051", concurrency=4, requests=32, max_tokens=64, speculation="auto")
     r["tokens_per_s"], r["tpot_p50_s"], r["acceptance"], r["mean_k"]
+
+    # auto vs off at several concurrencies, interleaved, medians over rounds:
+    runs = run_grid("127.0.0.1:50051", [1, 4, 16], ["auto", "off"], rounds=3, max_tokens=64)
+    print(format_results(summarize(runs)))
 """
 
 import json
@@ -122,6 +126,46 @@ def run_bench(target: str, concurrency: int = 4, requests: int | None = None, ma
         "mean_k": drafted / steps if steps else None,            # drafted per request-step
         "tokens_per_step": tokens / steps if steps else None,    # committed per request-step (accepted + 1)
     }
+
+
+def run_grid(target: str, concurrencies: list[int], speculations: list, rounds: int = 1, **kw) -> list[dict]:
+    """run_bench for every (concurrency, speculation), the whole grid `rounds` times in turn,
+    so that a drift of the machine hits every configuration alike. One dict per run, with "round"."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    runs = []
+    for rnd in range(rounds):
+        for conc in concurrencies:
+            for spec in speculations:
+                if kw.get("progress", True):
+                    print(f"bench: round {rnd + 1}/{rounds}, concurrency {conc}, speculation "
+                          f"{spec or 'server default'}", file=sys.stderr)
+                runs.append({**run_bench(target, concurrency=conc, speculation=spec, **kw), "round": rnd})
+    return runs
+
+
+_MEDIAN_KEYS = ("tokens_per_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "acceptance", "mean_k",
+                "tokens_per_step", "wall_s")
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """One row per (concurrency, speculation): the median of each figure over its runs; counts summed."""
+    import statistics
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault((r["concurrency"], str(r["speculation"])), []).append(r)
+    out = []
+    for rs in groups.values():
+        row = {k: rs[0][k] for k in ("target", "concurrency", "speculation", "max_tokens")}
+        for k in _MEDIAN_KEYS:
+            xs = [r[k] for r in rs if r[k] is not None]
+            row[k] = statistics.median(xs) if xs else None
+        for k in ("requests", "generated_tokens", "draft_tokens", "accepted_tokens"):
+            row[k] = sum(r[k] for r in rs)
+        row["errors"] = [e for r in rs for e in r["errors"]]
+        row["runs"] = len(rs)
+        out.append(row)
+    return out
 
 
 def _progress_line(results, errors, total, t_start) -> None:

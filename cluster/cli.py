@@ -102,21 +102,19 @@ def _stats(a: argparse.Namespace) -> int:
 
 
 def _bench(a: argparse.Namespace) -> int:
-    from .bench import format_results, load_prompts, run_bench
-    prompts = load_prompts(a.prompts)
-    rows = []
-    for conc in [int(x) for x in a.concurrency.split(",")]:
-        for spec in a.speculation.split(","):
-            spec = None if spec == "server" else spec
-            print(f"bench: concurrency {conc}, speculation {spec or 'server default'}", file=sys.stderr)
-            rows.append(run_bench(a.target, concurrency=conc, requests=a.requests, max_tokens=a.max_tokens,
-                                  prompts=prompts, speculation=spec, temperature=a.temperature,
-                                  token=a.token or os.environ.get("SPECMOE_TOKEN"), root_certificates=a.tls_ca,
-                                  progress=not a.no_progress))
+    from .bench import format_results, load_prompts, run_grid, summarize
+    specs = [None if x == "server" else x for x in a.speculation.split(",")]
+    runs = run_grid(a.target, [int(x) for x in a.concurrency.split(",")], specs, rounds=a.rounds,
+                    requests=a.requests, max_tokens=a.max_tokens, prompts=load_prompts(a.prompts),
+                    temperature=a.temperature, token=a.token or os.environ.get("SPECMOE_TOKEN"),
+                    root_certificates=a.tls_ca, progress=not a.no_progress)
+    rows = summarize(runs)
+    if a.rounds > 1:
+        print(f"medians over {a.rounds} interleaved rounds")
     print(format_results(rows))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump({"summary": rows, "runs": runs}, f, indent=2)
     return 1 if any(r["errors"] for r in rows) else 0
 
 
@@ -182,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--prompts", help="prompt set: text (one per line), .json list or .jsonl {prompt}")
     b.add_argument("--speculation", default="server", help="comma list of auto, off, server (the server's)")
     b.add_argument("--temperature", type=float, default=0.0)
-    b.add_argument("--json", help="also write the results here")
+    b.add_argument("--rounds", type=int, default=1, help="repeat the whole grid, interleaved; report medians")
+    b.add_argument("--json", help="also write the results here ({summary, runs})")
     b.add_argument("--no-progress", action="store_true")
 
     a = ap.parse_args(argv)

@@ -148,13 +148,14 @@ def test_cancel_mid_stream_aborts_and_frees_kv(served):
         deadline = time.monotonic() + 10
         while True:
             s = c.stats()
-            if s["kv_slots_used"] == 0 and s["requests_aborted"] == before["requests_aborted"] + 1:
+            # The stream's handler thread lets go of its in-flight place just after the abort.
+            if s["kv_slots_used"] == 0 and s["requests_aborted"] == before["requests_aborted"] + 1 \
+                    and s["in_flight"] == 0:
                 break
             assert time.monotonic() < deadline, f"KV not freed after cancel: {s}"
             time.sleep(0.05)
         assert s["requests_finished"] == before["requests_finished"]   # aborted, not run to the end
         assert n >= 3 and s["generated_tokens"] - before["generated_tokens"] < MAX_SEQ_LEN - 16
-        assert s["in_flight"] == 0
 
 
 BAD = [
@@ -314,7 +315,7 @@ def test_cli_generate_stats_and_bench_against_the_server(served, capsys, tmp_pat
         out = capsys.readouterr()
         assert "4/4 requests" in out.err and "TPOT p50" in out.out
         import json
-        res = json.loads(rows.read_text())
+        res = json.loads(rows.read_text())["summary"]
         assert [(r["concurrency"], r["speculation"]) for r in res] == [(1, "auto"), (1, "off"), (4, "auto"),
                                                                       (4, "off")]
         for r in res:

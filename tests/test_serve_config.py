@@ -71,3 +71,16 @@ def test_serve_cli_refuses_a_bad_config_before_starting_anything(tmp_path, capsy
     assert "not a checkpoint directory" in capsys.readouterr().err
     assert main(["serve", "--config", str(tmp_path / "missing.toml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_bench_summary_takes_medians_per_configuration():
+    from specmoe.cluster.bench import summarize
+    base = dict(target="t", max_tokens=8, requests=2, generated_tokens=16, draft_tokens=4, accepted_tokens=2,
+                errors=[], ttft_p50_s=0.1, ttft_p99_s=0.2, tpot_p50_s=0.01, tpot_p99_s=0.02, acceptance=0.5,
+                mean_k=1.0, tokens_per_step=1.5, wall_s=1.0)
+    runs = [dict(base, concurrency=c, speculation=s, tokens_per_s=v)
+            for c, s, v in [(1, "auto", 10.0), (1, "off", 7.0), (1, "auto", 30.0), (1, "off", 9.0),
+                            (1, "auto", 20.0), (1, "off", 8.0)]]
+    rows = summarize(runs)
+    assert [(r["speculation"], r["tokens_per_s"], r["runs"], r["requests"]) for r in rows] == [
+        ("auto", 20.0, 3, 6), ("off", 8.0, 3, 6)]
