@@ -130,6 +130,7 @@ class EPRunner:
         else:
             self.placement = contiguous(E, ep)
         print(f"specmoe EP={ep}: {self.placement.describe()}", flush=True)
+        self._held = [torch.tensor(self.placement.experts_of(r)) for r in range(ep)]
         cuda = device.startswith("cuda")
         local_device = torch.device(device) if not cuda or torch.cuda.is_available() else torch.device("cpu")
         self.model = _ModelInfo(c, local_device, DTYPES[dtype], max_seq_len)
@@ -365,7 +366,8 @@ class EPRunner:
         out = StepOutput(logits=logits.to(self.model.device),
                          routing=self._routing(res) if routing else None)
         t3 = time.perf_counter()
-        out.extra.update(self._measurements(res, t3 - t0, (t1 - t0) + (t3 - t2), t2 - t1))
+        t4 = time.perf_counter()
+        out.extra.update(self._measurements(res, t4 - t0, (t1 - t0) + (t4 - t2), t2 - t1))
         return out
 
     def _assemble(self, chunks, num_logits, all_logits, res: list[StepResult], V: int) -> torch.Tensor:
@@ -386,15 +388,16 @@ class EPRunner:
         E = self.placement.num_experts
         tpe = torch.zeros(self.config.num_layers, E, dtype=torch.int64)
         for r in res:
-            held = self.placement.experts_of(r.rank)
+            held = self._held[r.rank]
             tpe[:, held] = torch.tensor(r.tokens_per_expert, dtype=torch.int64).view(-1, len(held))
         return RoutingSnapshot(tokens_per_expert=tpe, distinct_experts=(tpe > 0).sum(dim=1).tolist())
 
     def _measurements(self, res: list[StepResult], total_s: float, router_s: float, wait_s: float) -> dict:
         """Per rank (lists in rank order) and per MoE layer ([rank][layer])."""
+        t = time.perf_counter()
         distinct = [[sum(1 for n in layer if n) for layer in r.tokens_per_expert] for r in res]
         slowest = max(r.forward_s for r in res)
-        return {
+        out = {
             "ep": self.W,
             "step_s": total_s,
             "worker_s": [r.forward_s for r in res],
@@ -407,6 +410,12 @@ class EPRunner:
             "expert_s": [sum(r.expert_s) for r in res],
             "distinct_experts_per_rank": distinct,          # [rank][layer]; needs routing=True
             "tokens_per_local_expert": [r.tokens_per_expert for r in res],
-            # Plan out + results back: the router's wall time not spent waiting for the slowest worker.
+            # Plan out + results back: the router's wall time not spent waiting for the slowest worker,
+            # of which control_router_s is the router's own work (encode, decode, logits, these figures).
             "control_plane_s": router_s + max(0.0, wait_s - slowest),
+            "control_router_s": router_s,
         }
+        own = time.perf_counter() - t                 # building these figures is router work too
+        out["control_router_s"] += own
+        out["control_plane_s"] += own
+        return out

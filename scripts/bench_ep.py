@@ -17,7 +17,8 @@ token per sequence through runner.run (the engine's call), and reads:
 
 - step: the router's wall time of run();
 - control plane: step minus the slowest worker's own time (plan encode/send,
-  results back and decode, logits assembly);
+  results back and decode, logits assembly), and the router's own share of it
+  (encode, decode, assembly, measurements; the rest is Ray transport);
 - on the slowest worker: all-to-all (dispatch + combine, the permutations
   around the three collectives included), experts (grouped expert compute
   between dispatch and combine), and attention + dense (the rest: embedding,
@@ -84,7 +85,7 @@ class Config:
         x = out.extra
         if x:
             r = max(range(x["ep"]), key=lambda i: x["worker_s"][i])      # the slowest rank: the critical path
-            row.update(control_s=x["control_plane_s"], a2a_s=x["a2a_s"][r], expert_s=x["expert_s"][r],
+            row.update(control_s=x["control_plane_s"], router_s=x["control_router_s"], a2a_s=x["a2a_s"][r], expert_s=x["expert_s"][r],
                        attn_dense_s=x["worker_s"][r] - x["a2a_s"][r] - x["expert_s"][r],
                        a2a_bytes=sum(x["a2a_bytes"]),
                        distinct=med([sum(r_[li] for r_ in x["distinct_experts_per_rank"])
@@ -183,7 +184,9 @@ def report(configs, batches):
     print("\ncontrol plane per step, median over all batches (goal <= 1 ms):")
     for c in configs[1:]:
         cp = [r["control_s"] for B in batches for r in c.rows[B]]
-        print(f"  {c.name:<24}{1e3 * med(cp):.3f} ms  (p90 {1e3 * sorted(cp)[int(0.9 * len(cp))]:.3f} ms)")
+        own = [r["router_s"] for B in batches for r in c.rows[B]]
+        print(f"  {c.name:<24}{1e3 * med(cp):.3f} ms  (p90 {1e3 * sorted(cp)[int(0.9 * len(cp))]:.3f} ms; "
+              f"router's own work {1e3 * med(own):.3f} ms, transport {1e3 * med([x - y for x, y in zip(cp, own)]):.3f} ms)")
     ds = [c for c in configs if c.name.endswith("deepspeed")]
     for d in ds:
         ref = next(c for c in configs if c.name == d.name.replace(" deepspeed", ""))
