@@ -11,6 +11,7 @@ SIGTERM.) Ray is started with ray.init(address="local"): a new
 instance with random ports, never another one running on the machine.
 """
 
+import os
 import signal
 import subprocess
 import sys
@@ -63,15 +64,18 @@ def run(cfg: ServeConfig, log=print) -> int:
 def _child_main() -> None:
     """The serving process of a local instance: config as JSON on stdin."""
     cfg = msgspec.json.decode(sys.stdin.buffer.read(), type=ServeConfig)
+    parent = os.getppid()
     try:
-        code = _serve(cfg, print)
+        code = _serve(cfg, print, orphaned=lambda: os.getppid() != parent)
     except (ValueError, RuntimeError, ConnectionError) as e:
         print(f"specmoe: error: {e}", file=sys.stderr)
         code = 2
     sys.exit(code)
 
 
-def _serve(cfg: ServeConfig, log) -> int:
+def _serve(cfg: ServeConfig, log, orphaned=lambda: False) -> int:
+    """Start or join Ray, place the router actor, wait for a signal (or, for the serving
+    process of a local instance, for its front process to vanish), drain."""
     import ray
     rc = cfg.ray
     if rc.address is None:   # "local": never join whatever cluster happens to run on this machine
@@ -99,6 +103,9 @@ def _serve(cfg: ServeConfig, log) -> int:
         log(f"specmoe: serving {model_name(cfg.engine)} on {where} (node {info['node_ip']}, {tls}, {auth}, "
             f"ep {cfg.engine.ep}, speculation {cfg.engine.speculation}{metrics})", flush=True)
         while not stop.wait(2.0):
+            if orphaned():   # `specmoe serve` was killed without a chance to forward a signal
+                log("specmoe: the front process is gone", flush=True)
+                break
             try:
                 ray.get(actor.alive.remote(), timeout=30)
             except Exception as e:   # noqa: BLE001 - the actor died: nothing left to serve

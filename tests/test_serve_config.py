@@ -84,3 +84,18 @@ def test_bench_summary_takes_medians_per_configuration():
     rows = summarize(runs)
     assert [(r["speculation"], r["tokens_per_s"], r["runs"], r["requests"]) for r in rows] == [
         ("auto", 20.0, 3, 6), ("off", 8.0, 3, 6)]
+
+
+def test_a_missing_ep_runner_is_a_clear_error(monkeypatch):
+    """Until (or wherever) the EP runner cannot be imported, --ep N > 1 says so."""
+    from specmoe.cluster.config import EngineConfig
+    from specmoe.cluster.router_actor import build_engine
+    from specmoe.router.engine import Engine
+
+    def no_ep(*args, **kw):
+        raise ImportError("No module named 'specmoe.experts.ep_runner'")
+    monkeypatch.setattr(Engine, "from_pretrained", no_ep)
+    with pytest.raises(RuntimeError, match=r"engine.ep=2: expert parallelism is not available .*--ep 1"):
+        build_engine(EngineConfig(ep=2))
+    with pytest.raises(ImportError):   # with ep 1 an ImportError is some other fault: not relabelled
+        build_engine(EngineConfig(ep=1))
