@@ -289,6 +289,18 @@ def test_engine_from_pretrained_ep_and_compiled_graph_control(ray_cluster, targe
         _assert_same_or_near_tie(ref_eng, p, w, o.token_ids)
 
 
+def test_seeded_sampling_with_a_draft_model_equals_single_process(runners, target, draft):
+    """Rejection sampling runs in the router on the gathered logits: the same
+    seed gives the same tokens as the single-process engine."""
+    spec = {"method": "draft_model", "k": 3, "draft_model": str(draft)}
+    params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.8, top_p=0.95, seed=10 + i, ignore_eos=True)
+              for i in range(len(PROMPTS))]
+    want = Engine.from_pretrained(target, max_batch=8, max_seq_len=128, speculation=spec).generate(PROMPTS, params)
+    got = Engine(runners(2), speculation=spec).generate(PROMPTS, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert sum(o.stats.accepted_tokens for o in got) > 0
+
+
 # ---- two nodes, balanced placement -----------------------------------------------------------------------------
 
 def test_two_nodes_spread_with_balanced_placement_give_the_same_output(ray_cluster, target, plain):
