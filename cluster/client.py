@@ -38,6 +38,7 @@ class Chunk:
     finished: bool
     finish_reason: str | None
     prompt_tokens: int = 0          # set on the first chunk
+    k: int = 0                      # draft length chosen this step (draft_tokens may be fewer)
 
 
 @dataclass
@@ -111,7 +112,7 @@ class Stream:
         except grpc.RpcError as e:
             raise RequestError(e.code(), e.details()) from None
         return Chunk(list(m.token_ids), m.text, m.draft_tokens, m.accepted_tokens, m.finished,
-                     m.finish_reason or None, m.prompt_tokens)
+                     m.finish_reason or None, m.prompt_tokens, m.k)
 
     def cancel(self) -> None:
         self._call.cancel()

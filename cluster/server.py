@@ -120,7 +120,9 @@ class Servicer(pb_grpc.SpecMoEServicer):
             n_tokens += len(item.token_ids)
             msg = pb.GenerateChunk(token_ids=item.token_ids, text=item.text, draft_tokens=item.draft_tokens,
                                    accepted_tokens=item.accepted_tokens, finished=item.finished,
-                                   finish_reason=item.finish_reason or "")
+                                   finish_reason=item.finish_reason or "",
+                                   # StreamChunk.k when the engine reports the chosen k, else what it drafted
+                                   k=getattr(item, "k", item.draft_tokens))
             if first:
                 msg.prompt_tokens = len(ids)
                 first = False

@@ -134,6 +134,7 @@ def test_greedy_stream_equals_engine_generate(served, reference):
         got, chunks = _stream(c, ids, max_tokens=40, ignore_eos=True, speculation={"method": "ngram", "k": 3})
         assert_same_or_near_tie(reference, ids, want[0].token_ids, got)
         assert max(ch.draft_tokens for ch in chunks) <= 3
+        assert all(ch.draft_tokens <= ch.k <= 3 for ch in chunks)   # k: chosen, draft_tokens: proposed
 
 
 def test_cancel_mid_stream_aborts_and_frees_kv(served):
