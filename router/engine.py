@@ -365,7 +365,7 @@ class Engine:
             new = self._commit(r, d[:accepted] + [nxt])
             report.committed_tokens += len(new)
             events.append((r, StreamChunk(r.index, new, self._text_delta(r), len(d), accepted, r.finished,
-                                          r.finish_reason)))
+                                          r.finish_reason, s.k)))
             if r.finished:
                 self._finish(r)
         t4 = time.perf_counter()

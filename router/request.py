@@ -41,6 +41,7 @@ class StreamChunk:
     accepted_tokens: int            # of which accepted
     finished: bool
     finish_reason: str | None
+    k: int = 0                      # draft length chosen for the step (the drafter may deliver fewer)
 
 
 @dataclass
