@@ -32,7 +32,8 @@ from .placement import Placement
 @dataclass
 class LayerComm:
     """What one MoE layer's dispatch + combine cost on this rank."""
-    a2a_s: float = 0.0            # seconds in the three all-to-alls (counts, rows out, rows back)
+    a2a_s: float = 0.0            # seconds in dispatch + combine (three all-to-alls and the permutations)
+    sync_s: float = 0.0           # of which the counts all-to-all: tiny, so mostly waiting for the last rank
     bytes_out: int = 0            # row bytes sent to other ranks (dispatch + combine)
     bytes_in: int = 0             # row bytes received from other ranks
     expert_s: float = 0.0         # seconds between dispatch and combine: the grouped expert compute
@@ -76,6 +77,7 @@ class AllToAllDispatcher:
         send_counts = torch.bincount(key, minlength=self.W * self.L)             # (W*L,)
         recv_counts = torch.empty_like(send_counts)
         self.comm.all_to_all(recv_counts, send_counts)
+        t_sync = time.perf_counter()
         send_split, recv_split = (c.view(self.W, self.L).sum(1) for c in (send_counts, recv_counts))
         splits = torch.stack((send_split, recv_split)).tolist()                  # host sync: split sizes
         send, recv = splits
@@ -89,7 +91,8 @@ class AllToAllDispatcher:
         self._sync()
         t1 = time.perf_counter()
         el = x.element_size() * D
-        self.log.layers.append(LayerComm(a2a_s=t1 - t0, bytes_out=el * (sum(send) - send[self.rank]),
+        self.log.layers.append(LayerComm(a2a_s=t1 - t0, sync_s=t_sync - t0,
+                                         bytes_out=el * (sum(send) - send[self.rank]),
                                          bytes_in=el * (sum(recv) - recv[self.rank]), rows_in=sum(recv)))
         self._t_dispatched = t1
         return Dispatched(rows=got.index_select(0, perm), counts=counts, handle=(order, token, perm, send, recv))

@@ -28,7 +28,7 @@ import torch
 from .batch import Chunk
 from .checkpoint import DTYPES, read_checkpoint
 from .ep_worker import ChunkMsg, EPWorker, StepPlan, StepResult
-from .placement import Placement, balanced, contiguous
+from .placement import balanced, contiguous
 from .runner import StepOutput
 from .stats import RoutingSnapshot
 
@@ -114,6 +114,8 @@ class EPRunner:
         if placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ValueError(f"placement_strategy {placement_strategy!r}: expected PACK, SPREAD, STRICT_PACK or "
                              f"STRICT_SPREAD")
+        if comm not in ("torch", "deepspeed"):
+            raise ValueError(f"comm {comm!r}: expected 'torch' or 'deepspeed'")
         if control not in ("actor", "compiled"):
             raise ValueError(f"control {control!r}: expected 'actor' or 'compiled'")
         if dtype not in DTYPES:
@@ -153,7 +155,8 @@ class EPRunner:
         if not ready:
             self.close()
             raise EPWorkerError(f"placement group of {ep} bundles {bundle} ({placement_strategy}) could not be "
-                                f"placed within {startup_timeout_s:.0f} s; available now: {_plain(ray.available_resources())}, "
+                                f"placed within {startup_timeout_s:.0f} s; available now: "
+                                f"{_plain(ray.available_resources())}, "
                                 f"in the cluster: {_plain(ray.cluster_resources())}")
         actor = ray.remote(EPWorker)
         threads = max(1, int(num_cpus_per_worker)) if not cuda else 1
@@ -166,8 +169,10 @@ class EPRunner:
             ).remote(str(self.checkpoint.path), r, enc, device, dtype, max_seqs, max_seq_len, threads))
         try:
             self.nodes = self._gather([w.node.remote() for w in self.workers], "start-up", startup_timeout_s)
-            host, port = self._gather([self.workers[0].rendezvous.remote(collective_timeout_s)], "rendezvous", startup_timeout_s)[0]
-            self.worker_info = self._gather([w.init.remote(host, port, collective_timeout_s, comm) for w in self.workers],
+            host, port = self._gather([self.workers[0].rendezvous.remote(collective_timeout_s)], "rendezvous",
+                                      startup_timeout_s)[0]
+            self.worker_info = self._gather([w.init.remote(host, port, collective_timeout_s, comm)
+                                             for w in self.workers],
                                             f"process group at {host}:{port}", startup_timeout_s)
         except BaseException:
             self.close()
@@ -403,6 +408,7 @@ class EPRunner:
             "worker_s": [r.forward_s for r in res],
             "tokens_per_rank": [r.tokens for r in res],
             "a2a_s": [sum(r.a2a_s) for r in res],
+            "a2a_sync_s": [sum(r.a2a_sync_s) for r in res],     # of a2a_s: the counts exchange, ~ waiting
             "a2a_bytes": [sum(r.a2a_bytes_out) for r in res],
             "a2a_layer_s": [r.a2a_s for r in res],
             "a2a_layer_bytes_out": [r.a2a_bytes_out for r in res],

@@ -50,6 +50,7 @@ class StepResult(msgspec.Struct, frozen=True):
     tokens: int                             # attention tokens this rank ran
     forward_s: float                        # the whole step on this rank (from plan decoded to logits ready)
     a2a_s: list[float]                      # per MoE layer: dispatch + combine seconds
+    a2a_sync_s: list[float]                 # per MoE layer: of which the counts exchange (waiting for peers)
     a2a_bytes_out: list[int]                # per MoE layer: row bytes sent to other ranks
     a2a_bytes_in: list[int]
     expert_s: list[float]                   # per MoE layer: grouped expert compute seconds
@@ -128,15 +129,12 @@ class EPWorker:
         self.model = model
         self.runner = ModelRunner(model, ckpt, self.local_slots, self.max_seq_len)
         self.caches = {0: self.runner.cache}
-        self.moe_layers = [i for i in range(model.config.num_layers) if model.config.is_moe_layer(i)]
-        return {"rank": self.rank, "backend": backend, "comm": comm, "experts": experts, "load_s": time.perf_counter() - t0}
+        return {"rank": self.rank, "backend": backend, "comm": comm, "experts": experts,
+                "load_s": time.perf_counter() - t0}
 
     def new_cache(self, cache_id: int, num_slots: int, capacity: int, num_layers: int | None) -> int:
         self.caches[cache_id] = self.runner.new_cache(-(-num_slots // self.W), capacity, num_layers)
         return cache_id
-
-    def drop_cache(self, cache_id: int) -> None:
-        self.caches.pop(cache_id, None)
 
     def step(self, plan_bytes: bytes) -> bytes:
         t0 = time.perf_counter()
@@ -159,7 +157,8 @@ class EPWorker:
         log = self.dispatcher.log.layers
         res = StepResult(rank=self.rank, logits=logits.numpy().tobytes(), rows=logits.shape[0],
                          tokens=sum(len(c.tokens) for c in chunks), forward_s=time.perf_counter() - t0,
-                         a2a_s=[x.a2a_s for x in log], a2a_bytes_out=[x.bytes_out for x in log],
+                         a2a_s=[x.a2a_s for x in log], a2a_sync_s=[x.sync_s for x in log],
+                         a2a_bytes_out=[x.bytes_out for x in log],
                          a2a_bytes_in=[x.bytes_in for x in log], expert_s=[x.expert_s for x in log],
                          tokens_per_expert=tpe)
         return _encode.encode(res)

@@ -20,7 +20,9 @@ token per sequence through runner.run (the engine's call), and reads:
   results back and decode, logits assembly), and the router's own share of it
   (encode, decode, assembly, measurements; the rest is Ray transport);
 - on the slowest worker: all-to-all (dispatch + combine, the permutations
-  around the three collectives included), experts (grouped expert compute
+  around the three collectives included; "(wait)" is its first collective,
+  the few-byte counts exchange, which mostly measures waiting for the other
+  ranks to arrive), experts (grouped expert compute
   between dispatch and combine), and attention + dense (the rest: embedding,
   attention, norms, router, LM head).
 
@@ -85,7 +87,8 @@ class Config:
         x = out.extra
         if x:
             r = max(range(x["ep"]), key=lambda i: x["worker_s"][i])      # the slowest rank: the critical path
-            row.update(control_s=x["control_plane_s"], router_s=x["control_router_s"], a2a_s=x["a2a_s"][r], expert_s=x["expert_s"][r],
+            row.update(control_s=x["control_plane_s"], router_s=x["control_router_s"], a2a_s=x["a2a_s"][r],
+                       sync_s=x["a2a_sync_s"][r], expert_s=x["expert_s"][r],
                        attn_dense_s=x["worker_s"][r] - x["a2a_s"][r] - x["expert_s"][r],
                        a2a_bytes=sum(x["a2a_bytes"]),
                        distinct=med([sum(r_[li] for r_ in x["distinct_experts_per_rank"])
@@ -169,7 +172,7 @@ def main():
 
 def report(configs, batches):
     print("\nmedian ms per decode step (slowest rank's breakdown); a2a KiB = all-to-all bytes over all ranks")
-    print(f"{'config':<24}{'B':>4}{'step':>9}{'ctrl':>8}{'a2a':>8}{'experts':>9}{'attn+dense':>11}"
+    print(f"{'config':<24}{'B':>4}{'step':>9}{'ctrl':>8}{'a2a':>8}{'(wait)':>8}{'experts':>9}{'attn+dense':>11}"
           f"{'a2a KiB':>9}{'distinct':>9}{'x embedded':>11}")
     for B in batches:
         base = med([r["step_s"] for r in configs[0].rows[B]])
@@ -179,14 +182,16 @@ def report(configs, batches):
             ms = lambda k: f"{1e3 * f[k]:.2f}" if k in f else "-"  # noqa: E731
             kib = f"{f['a2a_bytes'] / 1024:.0f}" if "a2a_bytes" in f else "-"
             dist = f"{f['distinct']:.1f}" if "distinct" in f else "-"
-            print(f"{c.name:<24}{B:>4}{ms('step_s'):>9}{ms('control_s'):>8}{ms('a2a_s'):>8}{ms('expert_s'):>9}"
+            print(f"{c.name:<24}{B:>4}{ms('step_s'):>9}{ms('control_s'):>8}{ms('a2a_s'):>8}{ms('sync_s'):>8}"
+                  f"{ms('expert_s'):>9}"
                   f"{ms('attn_dense_s'):>11}{kib:>9}{dist:>9}{f['step_s'] / base:>11.2f}")
     print("\ncontrol plane per step, median over all batches (goal <= 1 ms):")
     for c in configs[1:]:
         cp = [r["control_s"] for B in batches for r in c.rows[B]]
         own = [r["router_s"] for B in batches for r in c.rows[B]]
         print(f"  {c.name:<24}{1e3 * med(cp):.3f} ms  (p90 {1e3 * sorted(cp)[int(0.9 * len(cp))]:.3f} ms; "
-              f"router's own work {1e3 * med(own):.3f} ms, transport {1e3 * med([x - y for x, y in zip(cp, own)]):.3f} ms)")
+              f"router's own work {1e3 * med(own):.3f} ms, "
+              f"transport {1e3 * med([x - y for x, y in zip(cp, own)]):.3f} ms)")
     ds = [c for c in configs if c.name.endswith("deepspeed")]
     for d in ds:
         ref = next(c for c in configs if c.name == d.name.replace(" deepspeed", ""))

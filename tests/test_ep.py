@@ -97,6 +97,20 @@ def plain(target):
     return eng, [o.token_ids for o in outs]
 
 
+def test_ep_runner_refuses_bad_arguments_before_starting_anything(target, draft):
+    from specmoe.experts.ep_runner import EPRunner
+    with pytest.raises(ValueError, match="no routed experts"):
+        EPRunner(draft, ep=2)
+    with pytest.raises(ValueError, match="needs at least as many experts, the model has 8"):
+        EPRunner(target, ep=16)
+    with pytest.raises(ValueError, match="placement_strategy 'CLOSE'"):
+        EPRunner(target, ep=2, placement_strategy="CLOSE")
+    with pytest.raises(ValueError, match="expert_load has 3 entries, the model has 8"):
+        EPRunner(target, ep=2, expert_load=[1, 2, 3])
+    with pytest.raises(ValueError, match="control 'rpc'"):
+        EPRunner(target, ep=2, control="rpc")
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """Two Ray nodes on this machine, each with one unit of the custom resource
@@ -221,8 +235,8 @@ def test_a_rank_without_sequences_joins_and_bytes_match_routing(runners, target)
 
 # ---- greedy generation ---------------------------------------------------------------------------------------
 
-SPECS = {"off": "off", "ngram": {"method": "ngram", "k": 3}, "layer_skip": {"method": "layer_skip", "k": 2, "layers": 2},
-         "draft_model": {"method": "draft_model", "k": 3}}
+SPECS = {"off": "off", "ngram": {"method": "ngram", "k": 3},
+         "layer_skip": {"method": "layer_skip", "k": 2, "layers": 2}, "draft_model": {"method": "draft_model", "k": 3}}
 
 
 @pytest.mark.parametrize("ep", [2, 4])
