@@ -27,6 +27,9 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "specmoe_step_seconds": ("histogram", "Engine step time by phase (schedule, propose, forward, verify, "
                              "total)", ("phase",)),
     "specmoe_distinct_experts": ("histogram", "Distinct experts per MoE layer per step", ()),
+    # Ray's histogram _sum is built from bucket midpoints, so exact means come from counters:
+    "specmoe_expert_loads": ("counter", "Distinct experts read, summed over MoE layers and steps", ()),
+    "specmoe_moe_layer_steps": ("counter", "MoE layer-steps (one per MoE layer per step)", ()),
     "specmoe_expert_tokens": ("counter", "Routed tokens per expert (summed over layers)", ("expert",)),
     "specmoe_rank_tokens": ("counter", "Routed tokens per expert-parallel rank", ("rank",)),
     "specmoe_a2a_bytes": ("counter", "All-to-all bytes (dispatch + combine), under expert parallelism", ()),
@@ -123,6 +126,8 @@ class ServeMetrics:
             m["specmoe_step_seconds"].observe(report.step_s, tags={"phase": "total"})
             for d in report.distinct_experts:
                 m["specmoe_distinct_experts"].observe(d)
+            self._inc("specmoe_expert_loads", sum(report.distinct_experts))
+            self._inc("specmoe_moe_layer_steps", len(report.distinct_experts))
             if report.tokens_per_expert:
                 for e, n in enumerate(sum(col) for col in zip(*report.tokens_per_expert)):
                     self._inc("specmoe_expert_tokens", n, {"expert": str(e)})

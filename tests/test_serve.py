@@ -258,8 +258,10 @@ def _labelled(port, name) -> dict[str, float]:
     return out
 
 
-def test_metrics_on_rays_prometheus_endpoint_agree_with_the_client(served):
+def test_metrics_on_rays_prometheus_endpoint_agree_with_the_client(served, reference):
     with served.client() as c:
+        with pytest.raises(RequestError):   # a refused request is counted too
+            c.complete("x", max_tokens=0)
         before = c.stats()
         streamed = drafted = accepted = 0
         # A repetitive prompt, so that n-gram drafts get accepted.
@@ -277,7 +279,8 @@ def test_metrics_on_rays_prometheus_endpoint_agree_with_the_client(served):
     # Ray exports every few seconds: poll until the counters reach the engine's totals.
     want = {"ray_specmoe_generated_tokens_total": after["generated_tokens"],
             "ray_specmoe_draft_tokens_total": after["draft_tokens"],
-            "ray_specmoe_accepted_tokens_total": after["accepted_tokens"]}
+            "ray_specmoe_accepted_tokens_total": after["accepted_tokens"],
+            "ray_specmoe_steps_total": after["steps"]}
     deadline = time.monotonic() + 60
     while True:
         m = _scrape(served.metrics_port)
@@ -287,6 +290,11 @@ def test_metrics_on_rays_prometheus_endpoint_agree_with_the_client(served):
             f"{ {k: m.get(k) for k in want} } vs {want}"
         time.sleep(1.0)
     assert m["ray_specmoe_accepted_tokens_total"] <= m["ray_specmoe_draft_tokens_total"]
+    # Routing: one layer-step per MoE layer per step, each reading top_k..E distinct experts.
+    moe = reference.config.moe
+    layer_steps = m["ray_specmoe_moe_layer_steps_total"]
+    assert layer_steps == after["steps"] * len(moe.layers)
+    assert moe.top_k * layer_steps <= m["ray_specmoe_expert_loads_total"] <= moe.num_experts * layer_steps
     # All-to-all bytes exist only under expert parallelism (this server runs ep=1); the cost-model
     # error only once the engine's controller reports one.
     optional = {"ray_specmoe_a2a_bytes_total"} | (
