@@ -113,6 +113,7 @@ def run_bench(target: str, concurrency: int = 4, requests: int | None = None, ma
     steps = sum(g.steps for g in results)
     drafted = sum(g.draft_tokens for g in results)
     accepted = sum(g.accepted_tokens for g in results)
+    chosen = sum(g.chosen_k for g in results)
     ttft = [g.ttft_s for g in results if g.ttft_s is not None]
     tpot = [g.tpot_s for g in results if g.tpot_s is not None]
     return {
@@ -124,6 +125,7 @@ def run_bench(target: str, concurrency: int = 4, requests: int | None = None, ma
         "draft_tokens": drafted, "accepted_tokens": accepted,
         "acceptance": accepted / drafted if drafted else None,   # accepted / drafted
         "mean_k": drafted / steps if steps else None,            # drafted per request-step
+        "mean_k_chosen": chosen / steps if steps else None,      # chosen per request-step (drafter may give fewer)
         "tokens_per_step": tokens / steps if steps else None,    # committed per request-step (accepted + 1)
     }
 
@@ -145,7 +147,7 @@ def run_grid(target: str, concurrencies: list[int], speculations: list, rounds: 
 
 
 _MEDIAN_KEYS = ("tokens_per_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "acceptance", "mean_k",
-                "tokens_per_step", "wall_s")
+                "mean_k_chosen", "tokens_per_step", "wall_s")
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -158,7 +160,7 @@ def summarize(runs: list[dict]) -> list[dict]:
     for rs in groups.values():
         row = {k: rs[0][k] for k in ("target", "concurrency", "speculation", "max_tokens")}
         for k in _MEDIAN_KEYS:
-            xs = [r[k] for r in rs if r[k] is not None]
+            xs = [r[k] for r in rs if r.get(k) is not None]
             row[k] = statistics.median(xs) if xs else None
         for k in ("requests", "generated_tokens", "draft_tokens", "accepted_tokens"):
             row[k] = sum(r[k] for r in rs)

@@ -51,6 +51,7 @@ class Generation:
     steps: int = 0                  # chunks received
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    chosen_k: int = 0               # sum over steps of the draft length chosen (Chunk.k)
     ttft_s: float | None = None     # request sent -> first token
     total_s: float = 0.0            # request sent -> last chunk
 
@@ -171,6 +172,7 @@ class Client:
             g.steps += 1
             g.draft_tokens += c.draft_tokens
             g.accepted_tokens += c.accepted_tokens
+            g.chosen_k += c.k
             if c.finished:
                 g.finish_reason = c.finish_reason
         g.total_s = time.perf_counter() - t0
