@@ -44,3 +44,9 @@ class Proposer(ABC):
 
     def release(self, req_id: int) -> None:
         """The request finished or was preempted: drop its state (default: none kept)."""
+
+    def catch_up(self, req_id: int, num_tokens: int) -> int:
+        """Tokens this drafter would first have to run through before drafting
+        for a request that has `num_tokens` committed tokens (a draft model's
+        cache lags while the request does not draft). Default: none."""
+        return 0

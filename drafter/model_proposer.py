@@ -92,6 +92,10 @@ class ModelProposer(Proposer):
     def vocab_size(self) -> int:
         return self.runner.config.vocab_size
 
+    def catch_up(self, req_id: int, num_tokens: int) -> int:
+        seq = self._seqs.get(req_id)
+        return max(0, num_tokens - (len(seq.cached) if seq is not None else 0))
+
     def release(self, req_id: int) -> None:
         seq = self._seqs.pop(req_id, None)
         if seq is not None:

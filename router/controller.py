@@ -10,8 +10,10 @@ the best expected tokens gained per second added,
 
     dV = sum_{k_i <= j < k'} prod_{m <= j} a_{i,m}      dT = cost(plan + ext) - cost(plan)
 
-and take it only while it raises goodput: dV > (V / T) * dT * (1 + margin +
-hedge * MAPE), i.e. by more than the cost model's recent error can explain.
+and take it only while it raises goodput: dV > G * dT * (1 + margin + hedge *
+MAPE), i.e. by more than the cost model's recent error can explain, where G
+is the larger of the plan's own rate V / T and the recent steps' measured
+rate (a prefill-heavy step's own rate undervalues the time its drafts add).
 Extensions of several tokens are priced whole, so a drafter's fixed cost
 (paid once, by the first request that drafts) does not stop a plan that pays
 only beyond one token. No request drafting means the drafter is skipped.
@@ -46,6 +48,7 @@ class _ReqState:
     backoff: int = 8                # steps of the next cool-down / probe interval
     cooldown: int = 0               # steps left with k forced to 0
     probe: bool = False             # draft one token next step to refresh the estimate
+    probed: bool = False            # a probe ran; the next full plan tells whether it found drafting pays
     window: deque = field(default_factory=lambda: deque(maxlen=16))  # (accepted, break-even) per drafted step
 
 
@@ -57,6 +60,7 @@ class Decision:
     breakeven: dict                 # req id -> tokens the request's drafts had to gain to pay
     planned_k: dict                 # req id -> drafts planned (auto requests)
     plan_s: float
+    lag: list                       # per entry: tokens the drafter had to catch up on first
 
 
 class Controller:
@@ -69,6 +73,7 @@ class Controller:
         self.k_max, self.fallback_k, self.mape_bound = k_max, fallback_k, mape_bound
         self.margin, self.max_backoff, self.explore, self.hedge = margin, max_backoff, explore, hedge
         self.acceptance = AcceptanceEstimator(k_max)
+        self.proposer = proposer
         model = getattr(runner, "model", None)
         itemsize = getattr(getattr(model, "dtype", None), "itemsize", 4)
         self.cost = CostModel(runner.config, ep=getattr(runner, "ep", 1), itemsize=itemsize)
@@ -97,6 +102,7 @@ class Controller:
         self.step_s = 0.0           # the steps' own time, summed (for the overhead fraction)
         self.cooldowns = 0
         self.probes = 0
+        self.goodput = 0.0          # committed tokens per second of recent steps (EWMA)
         self._observed = 0
         self.k_drafted_steps = 0
 
@@ -114,6 +120,7 @@ class Controller:
         k = np.zeros(len(sched))
         breakeven: dict[int, float] = {}
         predicted = None
+        lag = self._lag(sched)
         if self.quiet and self._quiet_steps < self.replan_every and all(
                 sched[i].req.id in self._state for i in auto):
             # Nothing drafted at the last full plan and nothing learned since: only probes draft.
@@ -126,7 +133,7 @@ class Controller:
                 if is_auto(s) and (s.partial or i not in auto):
                     s.k = 0
             plan_s = time.perf_counter() - t0
-            self._decision = Decision(ctx, 0.0, {}, {}, plan_s)
+            self._decision = Decision(ctx, 0.0, {}, {}, plan_s, lag)
             self.overhead_s += plan_s
             return
         if self.fallback:
@@ -139,7 +146,7 @@ class Controller:
                 want = 0 if st.cooldown > 0 else max(int(np.sum(surv[j] >= 0.5)), int(st.probe))
                 k[i] = min(want, self.fallback_k, sched[i].k)
         elif auto:
-            predicted = self._greedy(sched, auto, q, ctx, fixed_k, sampling, k, breakeven)
+            predicted = self._greedy(sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag)
         for i in auto:
             sched[i].k = int(k[i])
             self.k_chosen[int(k[i])] += 1
@@ -149,17 +156,17 @@ class Controller:
                 s.k = 0
         if predicted is None:
             predicted = self.cost.predict(self.cost.target_features(q + k, ctx),
-                                          self.cost.draft_features(np.array(fixed_k) + k))
+                                          self.cost.draft_features(np.array(fixed_k) + k, lag))
         planned = {sched[i].req.id: int(k[i]) for i in auto}
         self.quiet = not self.fallback and bool(auto) and not any(planned.values())
         self._quiet_steps = 0
         if self._ids_stats is not None:
             self._ids_stats.keep_ids = not self.quiet     # per-token routing only matters while drafting
         plan_s = time.perf_counter() - t0
-        self._decision = Decision(ctx, predicted, breakeven, planned, plan_s)
+        self._decision = Decision(ctx, predicted, breakeven, planned, plan_s, lag)
         self.overhead_s += plan_s
 
-    def _greedy(self, sched, auto, q, ctx, fixed_k, sampling, k, breakeven) -> float:
+    def _greedy(self, sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag_all) -> float:
         """Rounds of: every request's best extension (tokens gained per second
         added, priced at the round's plan), then, in order of that ratio, take
         each whose price re-checked at the current plan still raises goodput.
@@ -167,7 +174,7 @@ class Controller:
         than array code at the sizes a step has. Returns the plan's price."""
         cost, ex = self.cost, self.cost.experts
         c0, c_seq, c_tok, c_exp, c_attn, c_a2a = (float(v) for v in cost.c)
-        d_any, d_seq, d_tok, d_depth = (float(v) for v in cost.d)
+        d_any, d_seq, d_tok, d_depth, d_lag = (float(v) for v in cost.d)
         c_tok += c_a2a * cost.a2a_mb_per_token
         beta, miss = ex.beta, ex.miss
         exp_scale = c_exp * cost.moe_layers * ex.E / cost.ep if ex.E else 0.0
@@ -194,20 +201,25 @@ class Controller:
         drafting = sum(1 for f in fixed_k if f > 0)
         dtok = float(sum(fixed_k))
         depth = float(max(fixed_k, default=0))
+        lag = sum(g for g, f in zip(lag_all, fixed_k) if f > 0)
+        lags = [lag_all[i] for i in auto]
         fixed_t = c0 + c_seq * len(qs)
 
-        def price(n_, neff_, attn_, drafting_, dtok_, depth_):
+        def price(n_, neff_, attn_, drafting_, dtok_, depth_, lag_):
             t = fixed_t + c_tok * n_ + exp_scale * (1.0 - miss ** neff_) + c_attn * attn_
             if drafting_:
-                t += d_any + d_seq * drafting_ + d_tok * dtok_ + d_depth * depth_
+                t += d_any + d_seq * drafting_ + d_tok * dtok_ + d_depth * depth_ + d_lag * lag_
             return t
 
-        T = max(price(n, neff, attn, drafting, dtok, depth), 1e-9)
+        T = max(price(n, neff, attn, drafting, dtok, depth, lag), 1e-9)
         V = float(sampling)
         kk = [0] * len(ids)
         # Hedge by the model's recent error: a gain the model cannot tell from noise is not taken.
         mape = self.cost.trimmed_mape
         margin = 1.0 + self.margin + self.hedge * (mape if mape is not None else 0.1)
+        # The price of a second: what this step makes of it, or what recent steps did if that is
+        # more (a prefill-heavy step's own rate undervalues the time its drafts would add).
+        g_ref = self.goodput
 
         def extension(j, kp):
             """(dv, dT, new aggregates) of request j drafting kp instead of kk[j]."""
@@ -216,8 +228,8 @@ class Controller:
             # tokens whose experts the rest of the step loads anyway add fewer new ones
             neff_ = neff + ((b + dk) ** beta - b ** beta) * (1.0 - reuse[j])
             attn_ = attn + (dk * (ctxs[j] + b) + dk * (dk + 1) / 2) / 1000.0
-            drafting_ = drafting + (kk[j] == 0)
-            agg = (n + dk, neff_, attn_, drafting_, dtok + dk, max(depth, kp))
+            first = kk[j] == 0
+            agg = (n + dk, neff_, attn_, drafting + first, dtok + dk, max(depth, kp), lag + (lags[j] if first else 0))
             return cum[j][kp] - cum[j][kk[j]], price(*agg) - T, agg
 
         while True:
@@ -226,7 +238,7 @@ class Controller:
                 best, best_kp = 0.0, 0
                 for kp in range(kk[j] + 1, caps[j] + 1):
                     dv, dT, _ = extension(j, kp)
-                    if dv > (V / T) * max(dT, 0.0) * margin:
+                    if dv > max(V / T, g_ref) * max(dT, 0.0) * margin:
                         r = dv / max(dT, 1e-12)
                         if r > best:
                             best, best_kp = r, kp
@@ -237,20 +249,26 @@ class Controller:
             taken = 0
             for _, j, kp in sorted(cands, reverse=True):
                 dv, dT, agg = extension(j, kp)
-                if dv <= (V / T) * max(dT, 0.0) * margin:
+                if dv <= max(V / T, g_ref) * max(dT, 0.0) * margin:
                     continue
-                breakeven[ids[j]] = breakeven.get(ids[j], 0.0) + (V / T) * max(dT, 0.0)
-                n, neff, attn, drafting, dtok, depth = agg
+                breakeven[ids[j]] = breakeven.get(ids[j], 0.0) + max(V / T, g_ref) * max(dT, 0.0)
+                n, neff, attn, drafting, dtok, depth, lag = agg
                 V += dv
                 T += dT
                 kk[j] = kp
                 taken += 1
             if not taken:
                 break
+        for j, rid in enumerate(ids):          # did a past probe find drafting pays? sets new requests' interval
+            st = self._state[rid]
+            if st.probed:
+                st.probed = False
+                self.start_backoff = (max(8, self.start_backoff // 2) if kk[j] else
+                                      min(self.start_backoff * 2, self.max_backoff))
         for j in probes:                       # a probe drafts one token even where the plan would not
             if caps[j] and not kk[j]:
                 dv, dT, agg = extension(j, 1)
-                n, neff, attn, drafting, dtok, depth = agg
+                n, neff, attn, drafting, dtok, depth, lag = agg
                 T += dT
                 kk[j] = 1
         for j, i in enumerate(auto):
@@ -272,7 +290,7 @@ class Controller:
         sample = not self.quiet or self._observed % 8 == 0      # quiet steps: 1 in 8 feeds the cost model
         if d is not None and len(d.ctx) == len(q) and sample:
             x = self.cost.target_features(q, d.ctx)
-            z = self.cost.draft_features(drafts)
+            z = self.cost.draft_features(drafts, d.lag)
             predicted = self.cost.predict(x, z)          # the model's price of what actually ran
             moe = [v for v in (distinct or []) if v]
             if moe:
@@ -293,14 +311,12 @@ class Controller:
             if drafted:
                 st.idle = 0
                 self.k_drafted_steps += 1
-                if st.probe:                # a probe only refreshes the estimate; the plan decides
+                if st.probe:                # a probe only refreshes the estimate; the next plan decides
                     st.probe = False
+                    st.probed = True
                     self.probes += 1
                     if accepted:
                         self.quiet = False
-                        self.start_backoff = max(8, self.start_backoff // 2)
-                    else:
-                        self.start_backoff = min(self.start_backoff * 2, self.max_backoff)
                     continue
                 st.window.append((accepted, d.breakeven.get(rid, 0.0) if d else 0.0))
                 if len(st.window) == st.window.maxlen:
@@ -312,8 +328,9 @@ class Controller:
                         st.backoff = 8
             else:
                 st.idle += 1
-                self.acceptance.relax(rid, 0.97)
                 if st.idle >= st.backoff:
+                    # Old evidence fades over the idle steps, then one draft refreshes it.
+                    self.acceptance.relax(rid, 0.97 ** st.idle)
                     st.idle = 0
                     st.probe = True
                     st.backoff = min(st.backoff * 2, self.max_backoff)
@@ -323,8 +340,17 @@ class Controller:
                 self.fallback = True
             elif self.fallback and mape < self.mape_bound / 1.5:
                 self.fallback = False
+        if step_s > 0 and results:
+            g = sum(r[2] + 1 for r in results) / step_s
+            self.goodput = g if self.goodput == 0.0 else 0.9 * self.goodput + 0.1 * g
         self.step_s += step_s
         self.overhead_s += time.perf_counter() - t0
+
+    def _lag(self, sched) -> list[int]:
+        """Per entry: tokens the drafter must catch up on before it can draft."""
+        if self.proposer is None:
+            return [0] * len(sched)
+        return [self.proposer.catch_up(s.req.id, len(s.req.tokens)) for s in sched]
 
     def _new_state(self, rid: int) -> _ReqState:
         st = self._state.get(rid)
@@ -389,5 +415,6 @@ class Controller:
             "controller_probes": self.probes,
             "acceptance_curve": self.acceptance.global_curve.tolist(),
             "distinct_experts_beta": self.cost.experts.beta,
+            "goodput_tokens_per_s": self.goodput,
             "expert_reuse_planning": bool(self._recent),
         }

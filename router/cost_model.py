@@ -3,7 +3,8 @@
     T(plan) = T_target(x) + T_draft(z)
     x = [1, sequences, tokens, distinct experts (summed over MoE layers, per rank),
          attention units, all-to-all MB]
-    z = [any drafting, drafting sequences, draft tokens, draft depth]
+    z = [any drafting, drafting sequences, draft tokens, draft depth,
+         tokens the drafter must catch up on first (a draft model's lagging cache)]
 
 Both parts are linear in their features with non-negative coefficients. The
 distinct-expert feature is not observed before the step: `DistinctExperts`
@@ -28,7 +29,7 @@ import torch
 from ..experts.batch import Chunk
 
 TARGET_FEATURES = ("fixed", "seqs", "tokens", "experts", "attn", "a2a_mb")
-DRAFT_FEATURES = ("any", "seqs", "tokens", "depth")
+DRAFT_FEATURES = ("any", "seqs", "tokens", "depth", "catch_up")
 ATTN_UNIT = 1000.0          # attention units: query-key pairs / 1000
 
 
@@ -156,10 +157,11 @@ class CostModel:
         return np.array([1.0, len(q), n, experts, attn, n * self.a2a_mb_per_token])
 
     @staticmethod
-    def draft_features(k) -> np.ndarray:
+    def draft_features(k, catch_up=None) -> np.ndarray:
         k = [float(v) for v in k]
         m = float(sum(1 for v in k if v))
-        return np.array([1.0 if m else 0.0, m, sum(k), max(k, default=0.0)])
+        lag = sum(c for c, v in zip(catch_up, k) if v) if catch_up is not None else 0.0
+        return np.array([1.0 if m else 0.0, m, sum(k), max(k, default=0.0), float(lag)])
 
     def predict(self, x: np.ndarray, z: np.ndarray) -> float:
         return float(self.c @ x + self.d @ z)
@@ -287,7 +289,7 @@ class CostModel:
                 finally:
                     for r in reqs:
                         proposer.release(r)
-                Z.append(self.draft_features([k] * B))
+                Z.append(self.draft_features([k] * B, [16] * B))   # each fresh request catches up 16
                 y.append(t)
         return Z, y
 

@@ -114,7 +114,7 @@ def test_cost_model_ranks_plans_like_the_true_timings():
                     moe=MoEConfig(num_experts=16, top_k=2, expert_ffn=64, layers=(0, 1, 2, 3)))
     cm = CostModel(c)
     true_c = np.array([2e-3, 1e-4, 3e-4, 2e-4, 5e-5, 0.0])
-    true_d = np.array([5e-4, 1e-4, 2e-4, 3e-4])
+    true_d = np.array([5e-4, 1e-4, 2e-4, 3e-4, 2e-5])
     rng = np.random.default_rng(3)
 
     def plan():
@@ -123,13 +123,13 @@ def test_cost_model_ranks_plans_like_the_true_timings():
         return 1 + k, rng.integers(10, 200, size=B), k
     for _ in range(200):
         q, ctx, k = plan()
-        x, z = cm.target_features(q, ctx), cm.draft_features(k)
+        x, z = cm.target_features(q, ctx), cm.draft_features(k, ctx // 3)
         cm.observe(x, z, float(true_c @ x) * rng.normal(1, 0.03), float(true_d @ z) * rng.normal(1, 0.03),
                    cm.predict(x, z))
     cm.refit()
     plans = [plan() for _ in range(40)]
-    truth = [true_c @ cm.target_features(q, ctx) + true_d @ cm.draft_features(k) for q, ctx, k in plans]
-    pred = [cm.predict(cm.target_features(q, ctx), cm.draft_features(k)) for q, ctx, k in plans]
+    truth = [true_c @ cm.target_features(q, ctx) + true_d @ cm.draft_features(k, ctx // 3) for q, ctx, k in plans]
+    pred = [cm.predict(cm.target_features(q, ctx), cm.draft_features(k, ctx // 3)) for q, ctx, k in plans]
     rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
     spearman = np.corrcoef(rank(truth), rank(pred))[0, 1]
     assert spearman > 0.98
@@ -151,7 +151,7 @@ def _controller(runner, c, d, acceptance=None):
 
 
 def test_plan_drafts_nothing_when_drafting_cannot_pay(runner):
-    ctl = _controller(runner, [5e-3, 1e-4, 5e-4, 1e-4, 1e-5, 0], [1e-4, 1e-5, 1e-5, 1e-5], acceptance=0.0)
+    ctl = _controller(runner, [5e-3, 1e-4, 5e-4, 1e-4, 1e-5, 0], [1e-4, 1e-5, 1e-5, 1e-5, 0], acceptance=0.0)
     for B in (1, 4, 8):
         s = sched_for(B)
         ctl.plan(s, lambda e: True)
@@ -161,7 +161,7 @@ def test_plan_drafts_nothing_when_drafting_cannot_pay(runner):
 def test_plan_drafts_deep_when_drafting_is_free(runner):
     """A dense-like model (no expert term) whose extra tokens cost nothing and a
     drafter that is always right: every request drafts its whole cap."""
-    ctl = _controller(runner, [5e-3, 1e-4, 0, 0, 0, 0], [0, 0, 0, 0], acceptance=1.0)
+    ctl = _controller(runner, [5e-3, 1e-4, 0, 0, 0, 0], [0, 0, 0, 0, 0], acceptance=1.0)
     for B, cap in ((1, 8), (4, 5), (8, 8)):
         s = sched_for(B, cap=cap)
         ctl.plan(s, lambda e: True)
@@ -172,7 +172,7 @@ def test_plan_depth_falls_as_tokens_get_dearer(runner):
     """Same acceptance, rising price per verified token: the chosen depth never rises."""
     depths = []
     for c_tok in (1e-5, 1e-4, 5e-4, 2e-3, 1e-2):
-        ctl = _controller(runner, [5e-3, 1e-4, c_tok, 0, 0, 0], [0, 0, 0, 0], acceptance=0.8)
+        ctl = _controller(runner, [5e-3, 1e-4, c_tok, 0, 0, 0], [0, 0, 0, 0, 0], acceptance=0.8)
         s = sched_for(4)
         ctl.plan(s, lambda e: True)
         depths.append(np.mean([e.k for e in s]))
@@ -181,7 +181,7 @@ def test_plan_depth_falls_as_tokens_get_dearer(runner):
 
 
 def test_plan_prefers_requests_that_accept_more(runner):
-    ctl = _controller(runner, [5e-3, 1e-4, 8e-4, 0, 0, 0], [0, 0, 0, 0])
+    ctl = _controller(runner, [5e-3, 1e-4, 8e-4, 0, 0, 0], [0, 0, 0, 0, 0])
     for _ in range(100):
         ctl.acceptance.observe([0, 1], [8, 8], [8, 0])
     s = sched_for(2)
@@ -189,11 +189,25 @@ def test_plan_prefers_requests_that_accept_more(runner):
     assert s[0].k > s[1].k
 
 
+def test_plan_prices_a_lagging_draft_cache(runner):
+    """A draft model that must first run through 200 tokens for request 1 (its
+    cache lags) but none for request 0: with a per-caught-up-token price, only
+    request 0 drafts."""
+    class Lagging:
+        def catch_up(self, req_id, n):
+            return 0 if req_id == 0 else 200
+    ctl = _controller(runner, [5e-3, 1e-4, 2e-4, 0, 0, 0], [1e-4, 0, 2e-4, 1e-4, 5e-5], acceptance=0.7)
+    ctl.proposer = Lagging()
+    s = sched_for(2)
+    ctl.plan(s, lambda e: True)
+    assert s[0].k > 0 and s[1].k == 0, [e.k for e in s]
+
+
 def test_plan_drafts_deeper_where_experts_are_reused(runner):
     """Requests 0 and 1 routed to the same experts last step, request 2 to
     others; with equal acceptance and experts the main price, 0 and 1 draft
     deeper than 2, whose new tokens would load new experts."""
-    ctl = _controller(runner, [5e-3, 1e-4, 1e-5, 4e-4, 0, 0], [0, 0, 0, 0], acceptance=0.6)
+    ctl = _controller(runner, [5e-3, 1e-4, 1e-5, 4e-4, 0, 0], [0, 0, 0, 0, 0], acceptance=0.6)
     L = ctl.cost.moe_layers
     te = torch.tensor([[[0, 1], [0, 1], [5, 6]]] * L)            # (layers, 3 tokens, K=2): one token each
     ctl.observe_routing([0, 1, 2], [1, 1, 1], te)
@@ -210,7 +224,7 @@ def test_plan_drafts_deeper_where_experts_are_reused(runner):
 
 
 def test_fallback_to_static_k_when_the_model_is_wrong(runner):
-    ctl = _controller(runner, [1e-3, 0, 0, 0, 0, 0], [0, 0, 0, 0], acceptance=0.0)
+    ctl = _controller(runner, [1e-3, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0], acceptance=0.0)
     for step in range(20):
         s = sched_for(2, start_id=0)
         ctl.plan(s, lambda e: True)
@@ -230,7 +244,7 @@ def test_steady_load_gives_a_steady_near_optimal_plan(runner):
     acceptance 0.7 per position): after warm-up the plan's true expected goodput
     is within 5% of the best uniform k's, and the depth does not swing between
     extremes."""
-    true_c, true_d = np.array([5e-3, 2e-4, 6e-4, 1e-4, 0, 0]), np.array([2e-4, 5e-5, 5e-5, 1e-4])
+    true_c, true_d = np.array([5e-3, 2e-4, 6e-4, 1e-4, 0, 0]), np.array([2e-4, 5e-5, 5e-5, 1e-4, 0])
     ctl = _controller(runner, true_c, true_d)
     rng = np.random.default_rng(4)
 
@@ -251,9 +265,9 @@ def test_steady_load_gives_a_steady_near_optimal_plan(runner):
                 a += 1
             acc.append(a)
         x, z = ctl.cost.target_features([1 + k for k in ks], [39] * 4), ctl.cost.draft_features(ks)
-        t = float(true_c @ x)
+        t, td = float(true_c @ x), float(true_d @ z)
         ctl.observe([(e.req.id, k, a, True) for e, k, a in zip(s, ks, acc)], [1 + k for k in ks], ks,
-                    target_s=t, draft_s=float(true_d @ z), step_s=t, distinct=None)
+                    target_s=t, draft_s=td, step_s=t + td, distinct=None)
         means.append(np.mean(ks))
         ratios.append(goodput(ks) / best_uniform)
     late = np.array(means[100:])
