@@ -4,17 +4,18 @@ instance with speculation "auto", send held-out prompts with the gRPC client
 at several concurrencies, each against speculation "off" sent per request to
 the same server, and print and plot auto vs off.
 
-    .venv/bin/python scripts/demo.py [--model DIR] [--drafter draft_model|ngram] [--concurrency 1,4,16]
-                                     [--rounds 3] [--max-tokens 64] [--png .cache/demo.png] [--quick]
+    .venv/bin/python scripts/demo.py [--model DIR] [--drafter ngram|draft_model] [--concurrency 1,4,16]
+                                     [--rounds 5] [--max-tokens 64] [--png .cache/demo.png] [--quick]
 
 The server is `specmoe serve` in a subprocess: 127.0.0.1, a gRPC port the OS
 picks (read back from its log line), Ray's metrics port left to Ray (a free
 one), no dashboard. Prompts are token windows of the Python standard-library
 files scripts/train_tiny.py held out from training (eval_bundled.held_out_prompts).
 Greedy; `ignore_eos` so every request makes max_tokens tokens. The grid is
-interleaved (every concurrency x {auto, off} once per round) and each figure
-is the median over rounds. The server and its Ray instance are shut down on
-every exit path (normal end, error, Ctrl-C, SIGTERM).
+interleaved (every concurrency x {auto, off} once per round, auto first in
+even rounds, off first in odd ones) and each figure is the median over
+rounds. The server and its Ray instance are shut down on every exit path
+(normal end, error, Ctrl-C, SIGTERM).
 """
 
 import argparse
@@ -22,6 +23,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -39,12 +41,13 @@ def _args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.environ.get("SPECMOE_MODEL") or None,
                     help="checkpoint directory with tokenizer.json (default: $SPECMOE_MODEL, else the bundled tiny MoE)")
-    ap.add_argument("--drafter", choices=["draft_model", "ngram"],
-                    help="what 'auto' drafts with (default: the bundled tiny-draft for the bundled model, else ngram)")
-    ap.add_argument("--draft-model", help="draft checkpoint for --drafter draft_model (default: bundled tiny-draft)")
+    ap.add_argument("--drafter", choices=["ngram", "draft_model"], default="ngram",
+                    help="what 'auto' drafts with: n-gram lookup (plain 'auto', the default) or a draft model")
+    ap.add_argument("--draft-model", help="draft checkpoint for --drafter draft_model (default with the bundled "
+                                          "model: the bundled tiny-draft)")
     ap.add_argument("--k", type=int, default=8, help="the most draft tokens the controller may choose per step")
     ap.add_argument("--concurrency", default="1,4,16", help="comma list of client streams at once")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of the grid (medians)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved repetitions of the grid (medians)")
     ap.add_argument("--requests", type=int, help="requests per run (default: max(prompts, 2 x concurrency))")
     ap.add_argument("--prompts", type=int, default=16, help="held-out prompts")
     ap.add_argument("--prompt-tokens", type=int, default=64, help="tokens per prompt")
@@ -62,13 +65,14 @@ def _args(argv):
     a.concurrency = [int(c) for c in a.concurrency.split(",")]
     if a.model is not None and not Path(a.model).is_dir():
         ap.error(f"model {a.model}: not a checkpoint directory")
+    if a.drafter == "draft_model" and a.model is not None and a.draft_model is None:
+        ap.error(f"--drafter draft_model with model {a.model}: give --draft-model (a checkpoint with its vocabulary)")
     return a
 
 
 def _speculation(a, bundled_draft: Path):
     """(engine speculation for the config, a line saying what it is)."""
-    drafter = a.drafter or ("draft_model" if a.model is None else "ngram")
-    if drafter == "ngram":
+    if a.drafter == "ngram":
         return ({"method": "ngram", "k": a.k, "auto": True},
                 f"auto: the cost-model controller chooses k in 0..{a.k} per step and request, n-gram drafts")
     draft = a.draft_model or str(bundled_draft)
@@ -281,7 +285,11 @@ def main(argv=None) -> int:
         print(f"running {n_runs} runs: concurrency {a.concurrency} x speculation {{auto, off}} (per-request "
               f"override), {a.rounds} interleaved round(s)", flush=True)
         t0 = time.monotonic()
-        runs = run_grid(server.target, a.concurrency, ["auto", "off"], rounds=a.rounds, **kw)
+        runs = []
+        for rnd in range(a.rounds):   # auto first in even rounds, off first in odd ones
+            specs = ["auto", "off"] if rnd % 2 == 0 else ["off", "auto"]
+            print(f"round {rnd + 1}/{a.rounds}", flush=True)
+            runs += [{**r, "round": rnd} for r in run_grid(server.target, a.concurrency, specs, **kw)]
         bench_s = time.monotonic() - t0
     finally:
         if server is not None:
@@ -305,6 +313,8 @@ def main(argv=None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps({"summary": rows, "runs": runs}, indent=2))
         print(f"runs: {a.json}")
+    if not errors:   # kept when something failed: it has the server's log
+        shutil.rmtree(workdir, ignore_errors=True)
     print(f"demo: done in {time.monotonic() - t_start:.0f}s")
     return 1 if errors else 0
 
