@@ -155,7 +155,13 @@ class Server:
                 pass
         psutil.wait_procs(alive, timeout=5)
         self._log.close()
-        left = [p.pid for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        left = []
+        for p in tree:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    left.append(p.pid)
+            except psutil.NoSuchProcess:
+                pass
         if left:
             print(f"demo: processes still running after shutdown: {left}", file=sys.stderr)
 
