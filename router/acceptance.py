@@ -8,8 +8,9 @@ accepted), exactly the factor the value of drafting multiplies in:
 
     v_i(k) = 1 + sum_{j<k} prod_{m<=j} a_{i,m}
 
-Global per-position curve: Beta counts with a slow decay (the workload
-drifts); the prior of position j is the estimate of position j-1 (position 0:
+Global per-position curve: Beta counts that age with every verification, seen
+or not (the workload drifts); the prior of position j is the estimate of
+position j-1 (position 0:
 `prior_mean`), so a deep position seen rarely borrows from the shallower ones
 instead of staying wherever two unlucky draws left it, which would stop the
 plan from ever drafting that deep again. Per request: Beta-Bernoulli with the
@@ -90,9 +91,10 @@ class AcceptanceEstimator:
         drafted, accepted = drafted[keep], accepted[keep]
         seen = np.minimum(accepted + 1, drafted)[:, None] > self._pos      # outcome known
         hit = accepted[:, None] > self._pos
-        # Decay only observed positions (once per observation): an unobserved deep
-        # position keeps its evidence.
-        g = np.power(self.global_decay, seen.sum(axis=0))
+        # Every position's evidence ages with every verification, seen or not: a deep
+        # position the plans stopped reaching drifts back toward its chained prior
+        # (the shallower positions' rate), so it is tried again if that makes it pay.
+        g = self.global_decay ** len(rows)
         self._ga = self._ga * g + hit.sum(axis=0)
         self._gn = self._gn * g + seen.sum(axis=0)
         self._curve = None
