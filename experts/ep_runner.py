@@ -184,6 +184,11 @@ class EPRunner:
             with InputNode() as plan:
                 self._dag = MultiOutputNode([w.step.bind(plan) for w in self.workers]).experimental_compile()
 
+    @property
+    def ep(self) -> int:
+        """The expert-parallel degree (workers)."""
+        return self.W
+
     @classmethod
     def from_pretrained(cls, path, ep: int = 2, ray_address: str | None = None, device: str = "cpu",
                         dtype: str = "float32", max_seqs: int = 8, max_seq_len: int = 2048, **kwargs) -> "EPRunner":

@@ -81,11 +81,12 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu", dtype: str = "float32",
                         max_batch: int = 8, max_seq_len: int = 2048, speculation=None, ep: int = 1,
-                        ray_address: str | None = None, **kwargs) -> "Engine":
+                        ray_address: str | None = None, ep_options: dict | None = None, **kwargs) -> "Engine":
         """Load a local Hugging Face checkpoint directory (see experts.checkpoint);
         without a path, the bundled tiny MoE. speculation: "off", "auto", or e.g.
         {"method": "ngram", "k": 4}. ep > 1 (or a ray_address) runs the model
-        expert-parallel over `ep` Ray workers; ep=1 without Ray is the embedded mode."""
+        expert-parallel over `ep` Ray workers; ep=1 without Ray is the embedded mode.
+        ep_options go to EPRunner (placement_strategy, control="compiled", expert_load, ...)."""
         if path is None:
             path = bundled_model("tiny-moe")
         if not isinstance(ep, int) or ep < 1:
@@ -93,7 +94,9 @@ class Engine:
         if ep > 1 or ray_address is not None:
             from ..experts.ep_runner import EPRunner
             runner = EPRunner.from_pretrained(path, ep=ep, ray_address=ray_address, device=device, dtype=dtype,
-                                              max_seqs=max_batch, max_seq_len=max_seq_len)
+                                              max_seqs=max_batch, max_seq_len=max_seq_len, **(ep_options or {}))
+        elif ep_options:
+            raise ValueError("ep_options need expert parallelism (ep > 1 or a ray_address)")
         else:
             runner = ModelRunner.from_pretrained(path, device=device, dtype=dtype, max_seqs=max_batch,
                                                  max_seq_len=max_seq_len)
