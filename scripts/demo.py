@@ -182,8 +182,15 @@ def _machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}")
 
 
-def _table(rows: list[dict]) -> str:
-    """auto vs off per concurrency: medians over rounds, and auto / off."""
+def _round_ratios(runs: list[dict], conc: int) -> list[float]:
+    """tokens/s auto / off within each round (the two ran back to back, so machine drift mostly cancels)."""
+    tps = {(r["round"], r["speculation"]): r["tokens_per_s"] for r in runs if r["concurrency"] == conc}
+    return sorted(tps[(n, "auto")] / tps[(n, "off")] for n, s in tps if s == "off" and tps[(n, "off")]
+                  and (n, "auto") in tps)
+
+
+def _table(rows: list[dict], runs: list[dict]) -> str:
+    """auto vs off per concurrency: medians over rounds, and auto / off with its range over rounds."""
     by = {(r["concurrency"], r["speculation"]): r for r in rows}
     concs = sorted({r["concurrency"] for r in rows})
 
@@ -208,9 +215,12 @@ def _table(rows: list[dict]) -> str:
         a, o = by.get((c, "auto")), by.get((c, "off"))
         if a and o and o["tokens_per_s"] and a["tpot_p50_s"] and o["tpot_p50_s"]:
             ratio = a["tokens_per_s"] / o["tokens_per_s"]
-            verdict = "auto faster" if ratio > 1.02 else "auto SLOWER than off" if ratio < 0.98 else "about equal"
-            out.append(f"concurrency {c:>2}: tokens/s auto / off = {ratio:.2f}, TPOT auto / off = "
-                       f"{a['tpot_p50_s'] / o['tpot_p50_s']:.2f}  ({verdict})")
+            per_round = _round_ratios(runs, c)
+            lo, hi = (per_round[0], per_round[-1]) if per_round else (ratio, ratio)
+            verdict = ("auto faster in every round" if lo > 1 else "auto SLOWER than off in every round" if hi < 1
+                       else "no consistent difference: auto faster in some rounds, slower in others")
+            out.append(f"concurrency {c:>2}: tokens/s auto / off = {ratio:.2f} (per round {lo:.2f}..{hi:.2f}), "
+                       f"TPOT p50 auto / off = {a['tpot_p50_s'] / o['tpot_p50_s']:.2f}  -> {verdict}")
     return "\n".join(out)
 
 
@@ -307,7 +317,7 @@ def main(argv=None) -> int:
     rows = summarize(runs)
     print(f"\nmedians over {a.rounds} interleaved round(s), measured at the client over loopback gRPC "
           f"({bench_s:.0f}s of load):\n")
-    print(_table(rows))
+    print(_table(rows, runs))
     if errors:
         print(f"\n{len(errors)} requests failed, e.g. {errors[0]}", file=sys.stderr)
     if a.png:
