@@ -375,7 +375,6 @@ class EPRunner:
         logits = self._assemble(chunks, num_logits, all_logits, res, V)
         out = StepOutput(logits=logits.to(self.model.device),
                          routing=self._routing(res) if routing else None)
-        t3 = time.perf_counter()
         t4 = time.perf_counter()
         out.extra.update(self._measurements(res, t4 - t0, (t1 - t0) + (t4 - t2), t2 - t1))
         return out

@@ -104,7 +104,6 @@ class Controller:
         self.probes = 0
         self.goodput = 0.0          # committed tokens per second of recent steps (EWMA)
         self._observed = 0
-        self.k_drafted_steps = 0
 
     # ---- planning --------------------------------------------------------------------------------------------
 
@@ -310,7 +309,6 @@ class Controller:
                 continue
             if drafted:
                 st.idle = 0
-                self.k_drafted_steps += 1
                 if st.probe:                # a probe only refreshes the estimate; the next plan decides
                     st.probe = False
                     st.probed = True
