@@ -34,6 +34,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "specmoe_rank_tokens": ("counter", "Routed tokens per expert-parallel rank", ("rank",)),
     "specmoe_a2a_bytes": ("counter", "All-to-all bytes (dispatch + combine), under expert parallelism", ()),
     "specmoe_cost_model_error": ("gauge", "Speculation controller: relative step-time prediction error", ()),
+    "specmoe_controller_fallback": ("gauge", "Speculation controller: 1 while the cost model's error has it on "
+                                    "the timing-free fallback, else 0", ()),
     "specmoe_queue_depth": ("gauge", "Requests waiting in the engine", ()),
     "specmoe_running": ("gauge", "Requests running in the engine", ()),
     "specmoe_in_flight": ("gauge", "Streams open on the gRPC server", ()),
@@ -46,14 +48,6 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 
 _TIME_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 _EXPERT_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
-
-
-def cost_model_error_of(stats: dict) -> float | None:
-    """The controller's step-time prediction error, under the names it has had."""
-    for key in ("cost_model_error", "cost_model_mape"):
-        if stats.get(key) is not None:
-            return float(stats[key])
-    return None
 
 
 def exported_name(name: str) -> str:
@@ -135,9 +129,10 @@ class ServeMetrics:
                 self._inc("specmoe_rank_tokens", n, {"rank": str(r)})
             a2a = report.extra.get("a2a_bytes", 0)
             self._inc("specmoe_a2a_bytes", sum(a2a) if isinstance(a2a, list) else a2a)
-            err = cost_model_error_of(stats)
+            err = stats.get("cost_model_mape")
             if err is not None:
                 m["specmoe_cost_model_error"].set(float(err))
+            m["specmoe_controller_fallback"].set(1.0 if stats.get("controller_fallback") else 0.0)
             m["specmoe_queue_depth"].set(stats.get("waiting", 0))
             m["specmoe_running"].set(stats.get("running", 0))
             m["specmoe_kv_slots_used"].set(stats.get("kv_slots_used", 0))

@@ -20,7 +20,7 @@ from . import specmoe_pb2 as pb
 from . import specmoe_pb2_grpc as pb_grpc
 from .config import ServerConfig
 from .engine_loop import EngineLoop, Error
-from .metrics import ServeMetrics, cost_model_error_of
+from .metrics import ServeMetrics
 from .validate import InvalidRequest, ModelLimits, parse_request
 
 log = logging.getLogger("specmoe.serve")
@@ -149,7 +149,7 @@ class Servicer(pb_grpc.SpecMoEServicer):
         for k, v in s.get("k_histogram", {}).items():
             reply.k_histogram[int(k)] = int(v)
         reply.method = str(s.get("method", ""))
-        err = cost_model_error_of(s)
+        err = s.get("cost_model_mape")
         if err is not None:
             reply.cost_model_error = err
         reply.tokens_per_rank.extend(int(x) for x in s.get("tokens_per_rank", []))

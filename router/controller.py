@@ -56,10 +56,7 @@ class _ReqState:
 class Decision:
     """What `plan` decided, kept until `observe`."""
     ctx: np.ndarray                 # cached tokens per scheduled entry
-    predicted_s: float              # the step time the plan was priced at
     breakeven: dict                 # req id -> tokens the request's drafts had to gain to pay
-    planned_k: dict                 # req id -> drafts planned (auto requests)
-    plan_s: float
     lag: list                       # per entry: tokens the drafter had to catch up on first
 
 
@@ -107,9 +104,10 @@ class Controller:
 
     # ---- planning --------------------------------------------------------------------------------------------
 
-    def plan(self, sched, is_auto) -> None:
+    def plan(self, sched, is_auto) -> float:
         """Set `s.k` of every scheduled entry `is_auto(s)` says the controller
-        decides for (keeping s.k as the cap); others keep theirs."""
+        decides for (keeping s.k as the cap); others keep theirs. Returns the
+        seconds the decision took."""
         t0 = time.perf_counter()
         q = np.array([s.num_new + (0 if is_auto(s) else s.k) for s in sched], dtype=float)
         ctx = np.array([s.req.num_cached for s in sched], dtype=float)
@@ -118,24 +116,16 @@ class Controller:
         sampling = sum(1 for s in sched if not s.partial)
         k = np.zeros(len(sched))
         breakeven: dict[int, float] = {}
-        predicted = None
         lag = self._lag(sched)
-        if self.quiet and self._quiet_steps < self.replan_every and all(
-                sched[i].req.id in self._state for i in auto):
+        quiet_step = self.quiet and self._quiet_steps < self.replan_every and all(
+            sched[i].req.id in self._state for i in auto)
+        if quiet_step:
             # Nothing drafted at the last full plan and nothing learned since: only probes draft.
             self._quiet_steps += 1
             for i in auto:
                 st = self._state[sched[i].req.id]
-                sched[i].k = 1 if st.probe and not st.cooldown else 0
-                self.k_chosen[sched[i].k] += 1
-            for i, s in enumerate(sched):
-                if is_auto(s) and (s.partial or i not in auto):
-                    s.k = 0
-            plan_s = time.perf_counter() - t0
-            self._decision = Decision(ctx, 0.0, {}, {}, plan_s, lag)
-            self.overhead_s += plan_s
-            return
-        if self.fallback:
+                k[i] = 1 if st.probe and not st.cooldown else 0
+        elif self.fallback:
             # Timing-free rule: draft while the next draft is expected accepted with
             # probability >= 1/2, at most fallback_k.
             ids = [sched[i].req.id for i in auto]
@@ -145,7 +135,7 @@ class Controller:
                 want = 0 if st.cooldown > 0 else max(int(np.sum(surv[j] >= 0.5)), int(st.probe))
                 k[i] = min(want, self.fallback_k, sched[i].k)
         elif auto:
-            predicted = self._greedy(sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag)
+            self._greedy(sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag)
         for i in auto:
             sched[i].k = int(k[i])
             self.k_chosen[int(k[i])] += 1
@@ -153,24 +143,22 @@ class Controller:
         for i, s in enumerate(sched):       # auto entries not decided here (prompt parts, no room) draft 0
             if i not in decided and is_auto(s):
                 s.k = 0
-        if predicted is None:
-            predicted = self.cost.predict(self.cost.target_features(q + k, ctx),
-                                          self.cost.draft_features(np.array(fixed_k) + k, lag))
-        planned = {sched[i].req.id: int(k[i]) for i in auto}
-        self.quiet = not self.fallback and bool(auto) and not any(planned.values())
-        self._quiet_steps = 0
-        if self._ids_stats is not None:
-            self._ids_stats.keep_ids = not self.quiet     # per-token routing only matters while drafting
+        if not quiet_step:
+            self.quiet = not self.fallback and bool(auto) and not any(k[i] for i in auto)
+            self._quiet_steps = 0
+            if self._ids_stats is not None:
+                self._ids_stats.keep_ids = not self.quiet     # per-token routing only matters while drafting
         plan_s = time.perf_counter() - t0
-        self._decision = Decision(ctx, predicted, breakeven, planned, plan_s, lag)
+        self._decision = Decision(ctx, breakeven, lag)
         self.overhead_s += plan_s
+        return plan_s
 
-    def _greedy(self, sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag_all) -> float:
+    def _greedy(self, sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag_all) -> None:
         """Rounds of: every request's best extension (tokens gained per second
         added, priced at the round's plan), then, in order of that ratio, take
         each whose price re-checked at the current plan still raises goodput.
         Scalar Python over at most B * k_max candidates per round: cheaper
-        than array code at the sizes a step has. Returns the plan's price."""
+        than array code at the sizes a step has."""
         cost, ex = self.cost, self.cost.experts
         c0, c_seq, c_tok, c_exp, c_attn, c_a2a = (float(v) for v in cost.c)
         d_any, d_seq, d_tok, d_depth, d_lag = (float(v) for v in cost.d)
@@ -272,7 +260,6 @@ class Controller:
                 kk[j] = 1
         for j, i in enumerate(auto):
             k[i] = kk[j]
-        return T
 
     # ---- learning --------------------------------------------------------------------------------------------
 

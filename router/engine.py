@@ -322,8 +322,9 @@ class Engine:
             if s.req.slot is None:
                 s.req.slot = self.runner.cache.allocate()
         ctl = self.controller
+        plan_s = 0.0
         if ctl is not None and any(s.req.auto for s in plan):
-            ctl.plan(plan, lambda s: s.req.auto)
+            plan_s = ctl.plan(plan, lambda s: s.req.auto)
         else:
             ctl = None
         t1 = time.perf_counter()
@@ -381,7 +382,6 @@ class Engine:
         report.phase_s = {"schedule": t1 - t0, "propose": t2 - t1, "forward": t3 - t2, "verify": t4 - t3}
         report.step_s = t4 - t0
         if ctl is not None:
-            plan_s = ctl._decision.plan_s if ctl._decision else 0.0
             report.phase_s["plan"] = plan_s
             report.phase_s["schedule"] -= plan_s
             if out.routing is not None and out.routing.token_experts is not None and not ctl.quiet:

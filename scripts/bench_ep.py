@@ -33,7 +33,6 @@ does not speed anything up here; the point is the breakdown and the overheads.
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -44,16 +43,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from bench_forward import cpu_model  # noqa: E402
 
 
 def med(xs):

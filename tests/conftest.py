@@ -9,11 +9,40 @@ fixture parametrized over all of them (ids are the variant names), and
 
 import json
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))      # tests/_helpers.py
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral(tmp_path_factory):
+    """A 4-layer, 8-expert top-2 Mixtral over a 128-token vocabulary (no EOS):
+    the speculation and expert-parallel tests' target."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny_mixtral")
+    MixtralForCausalLM(MixtralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, initializer_range=0.2,
+        eos_token_id=None, bos_token_id=0)).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_draft(tmp_path_factory):
+    """A 2-layer Llama with tiny_mixtral's vocabulary: their draft model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(1)
+    d = tmp_path_factory.mktemp("tiny_llama_draft")
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                                 eos_token_id=None)).save_pretrained(d)
+    return d
 
 
 @pytest.fixture(scope="module")

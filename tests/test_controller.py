@@ -107,7 +107,6 @@ def test_distinct_experts_learns_locality_exponent():
 def test_cost_model_ranks_plans_like_the_true_timings():
     """Timings from a known linear model of the features, with noise: after
     fitting online, the model orders a set of candidate plans as the truth does."""
-    cfg = ModelRunner  # noqa: F841  (documentation: the config below is what a runner would give)
     from specmoe.experts.config import ModelConfig, MoEConfig
     c = ModelConfig(family="mixtral", architecture="MixtralForCausalLM", vocab_size=V, hidden_size=64,
                     num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64,
@@ -298,6 +297,12 @@ def test_auto_is_lossless_with_a_synthetic_drafter(runner, plain, alpha):
     st = eng.stats()
     assert st["controller_overhead"] is not None
     assert (st["cost_model_mape"] is not None) == (eng.telemetry.steps > 8)   # reported once 8 steps are seen
+    # expert work the plan causes: routed rows per distinct expert loaded, expert bytes per committed token
+    tel, m = eng.telemetry, runner.config.moe
+    assert st["expert_reuse"] == tel.expert_rows / tel.experts_loaded >= 1.0
+    assert st["expert_bytes_per_token"] == pytest.approx(
+        tel.experts_loaded * 3 * runner.config.hidden_size * m.expert_ffn * 4 / tel.generated_tokens)
+    assert tel.generated_tokens == sum(len(o.token_ids) for o in outs)
     hist = st["controller_k_histogram"]
     curve = st["acceptance_curve"]
     if alpha == 1.0:

@@ -18,6 +18,8 @@ from specmoe.experts.batch import Chunk
 from specmoe.experts.placement import Placement, balanced, contiguous
 from specmoe.experts.runner import ModelRunner
 
+from _helpers import assert_same_or_near_tie  # noqa: E402  (tests/, on sys.path via conftest)
+
 V = 128
 PROMPTS = [[5, 9, 17, 5, 9, 17, 5, 9], [40, 41, 42, 43, 40, 41, 42, 43, 40, 41, 3], [7, 7, 7, 7],
            [100, 3, 100, 4, 100, 5, 100, 3, 100], [11, 22, 33, 44, 55, 66, 77, 88, 99, 11, 22, 33]]
@@ -52,26 +54,13 @@ def test_balanced_placement_evens_out_measured_load():
 # ---- fixtures: checkpoints, the reference, one Ray cluster --------------------------------------------------
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory):
-    from transformers import MixtralConfig, MixtralForCausalLM
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("ep_target")
-    MixtralForCausalLM(MixtralConfig(
-        vocab_size=V, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, initializer_range=0.2,
-        eos_token_id=None, bos_token_id=0)).save_pretrained(d)
-    return d
+def target(tiny_mixtral):
+    return tiny_mixtral
 
 
 @pytest.fixture(scope="module")
-def draft(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(1)
-    d = tmp_path_factory.mktemp("ep_draft")
-    LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                                 eos_token_id=None)).save_pretrained(d)
-    return d
+def draft(tiny_llama_draft):
+    return tiny_llama_draft
 
 
 @pytest.fixture(scope="module")
@@ -145,17 +134,6 @@ def runners(ray_cluster, target):
     yield get
     for r in made.values():
         r.close()
-
-
-def _assert_same_or_near_tie(eng, prompt, want, got):
-    """Equal token for token; a divergence passes only at a proven near-tie
-    (the single-process target's top-2 logit gap there below 1e-5)."""
-    if got == want:
-        return
-    i = next(j for j, (a, b) in enumerate(zip(want, got)) if a != b)
-    top2 = eng.logits(prompt + want[:i])[-1].topk(2).values
-    gap = (top2[0] - top2[1]).item()
-    assert gap < 1e-5, f"diverged at token {i}: {want[i]} vs {got[i]}, top-2 gap {gap:.3g} is no near-tie"
 
 
 # ---- logits --------------------------------------------------------------------------------------------------
@@ -250,7 +228,7 @@ def test_greedy_generation_equals_single_process(kind, ep, runners, plain, draft
     params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
     outs = eng.generate(PROMPTS, params)
     for p, w, o in zip(PROMPTS, want, outs):
-        _assert_same_or_near_tie(ref_eng, p, w, o.token_ids)
+        assert_same_or_near_tie(ref_eng, p, w, o.token_ids)
     if kind != "off":
         assert sum(o.stats.draft_tokens for o in outs) > 0
     assert eng.runner.cache.free_slots == eng.runner.cache.num_slots
@@ -262,14 +240,14 @@ def test_ragged_k_and_batch_one_steps_with_an_idle_rank(runners, plain, draft):
     ks = [{"k": 0}, "off", {"k": 2}, None, {"k": 7}]
     outs = eng.generate(PROMPTS, [SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, speculation=s) for s in ks])
     for p, w, o in zip(PROMPTS, want, outs):
-        _assert_same_or_near_tie(ref_eng, p, w, o.token_ids)
+        assert_same_or_near_tie(ref_eng, p, w, o.token_ids)
     assert outs[0].stats.draft_tokens == 0 and outs[4].stats.draft_tokens > 0
     # batch 1: every step leaves one of the two ranks without a sequence
     idle_steps, got = 0, []
     for chunk in eng.generate_stream([PROMPTS[2]], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)):
         got += chunk.token_ids
         idle_steps += 0 in eng.last_step.extra["tokens_per_rank"]
-    _assert_same_or_near_tie(ref_eng, PROMPTS[2], want[2], got)
+    assert_same_or_near_tie(ref_eng, PROMPTS[2], want[2], got)
     assert idle_steps >= 1
 
 
@@ -288,7 +266,7 @@ def test_engine_from_pretrained_ep_and_compiled_graph_control(ray_cluster, targe
     finally:
         eng.close()
     for p, w, o in zip(PROMPTS, want, outs):
-        _assert_same_or_near_tie(ref_eng, p, w, o.token_ids)
+        assert_same_or_near_tie(ref_eng, p, w, o.token_ids)
     with pytest.raises(RayActorError):
         ray.get(workers[0].node.remote(), timeout=30)
     runner = EPRunner.from_pretrained(target, ep=2, max_seqs=8, max_seq_len=128, num_cpus_per_worker=0.5,
@@ -300,7 +278,7 @@ def test_engine_from_pretrained_ep_and_compiled_graph_control(ray_cluster, targe
     finally:
         runner.close()
     for p, w, o in zip(PROMPTS, want, outs):
-        _assert_same_or_near_tie(ref_eng, p, w, o.token_ids)
+        assert_same_or_near_tie(ref_eng, p, w, o.token_ids)
 
 
 def test_seeded_sampling_with_a_draft_model_equals_single_process(runners, target, draft):
@@ -332,7 +310,7 @@ def test_two_nodes_spread_with_balanced_placement_give_the_same_output(ray_clust
         outs = Engine(runner, speculation={"method": "ngram", "k": 3}).generate(
             PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
         for p, w, o in zip(PROMPTS, want, outs):
-            _assert_same_or_near_tie(ref_eng, p, w, o.token_ids)
+            assert_same_or_near_tie(ref_eng, p, w, o.token_ids)
     finally:
         runner.close()
 
@@ -352,7 +330,7 @@ def test_auto_speculation_under_ep(ray_cluster, target, plain):
     finally:
         eng.close()
     for p, w, o in zip(PROMPTS, want, outs):
-        _assert_same_or_near_tie(ref_eng, p, w, o.token_ids)
+        assert_same_or_near_tie(ref_eng, p, w, o.token_ids)
     with pytest.raises(ValueError, match="ep_options"):
         Engine.from_pretrained(target, max_batch=2, max_seq_len=64, ep_options={"control": "compiled"})
 

@@ -4,11 +4,12 @@ streaming and stop conditions, seeded sampling. The plain (speculation off)
 engine output is itself checked against transformers in test_families.py."""
 
 import pytest
-import torch
 
 from specmoe import Engine, SamplingParams
 from specmoe.drafter import SyntheticProposer
 from specmoe.experts.runner import ModelRunner
+
+from _helpers import assert_same_or_near_tie  # noqa: E402  (tests/, on sys.path via conftest)
 
 V = 128
 PROMPTS = [[5, 9, 17, 5, 9, 17, 5, 9], [40, 41, 42, 43, 40, 41, 42, 43, 40, 41, 3], [7, 7, 7, 7],
@@ -19,26 +20,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory):
-    from transformers import MixtralConfig, MixtralForCausalLM
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("target")
-    MixtralForCausalLM(MixtralConfig(
-        vocab_size=V, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, initializer_range=0.2,
-        eos_token_id=None, bos_token_id=0)).save_pretrained(d)
-    return d
+def target(tiny_mixtral):
+    return tiny_mixtral
 
 
 @pytest.fixture(scope="module")
-def draft(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(1)
-    d = tmp_path_factory.mktemp("draft")
-    LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                                 eos_token_id=None)).save_pretrained(d)
-    return d
+def draft(tiny_llama_draft):
+    return tiny_llama_draft
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +35,6 @@ def plain(target):
     eng = Engine.from_pretrained(target, max_batch=8, max_seq_len=256)
     outs = eng.generate(PROMPTS, SamplingParams(max_tokens=64, ignore_eos=True))
     return eng, [o.token_ids for o in outs]
-
-
-def assert_same_or_near_tie(eng, prompt, want, got):
-    """Equal token for token; a divergence passes only where the target's top-2
-    logit gap at that position is below 1e-5 (a proven near-tie)."""
-    if got == want:
-        return
-    i = next(j for j, (a, b) in enumerate(zip(want, got)) if a != b)
-    top2 = eng.logits(prompt + want[:i])[-1].topk(2).values
-    gap = (top2[0] - top2[1]).item()
-    assert gap < 1e-5, f"diverged at token {i}: {want[i]} vs {got[i]}, top-2 gap {gap:.3g} is no near-tie"
 
 
 def spec_engine(kind, k, target, draft, plain_outs=None, alpha=0.7):
