@@ -35,9 +35,9 @@ class AcceptanceEstimator:
         self._gn = np.zeros(k_max)
         self._curve: np.ndarray | None = None
         self._row: dict[int, int] = {}          # request id -> row of _a/_n
-        self._free: list[int] = []
         self._a = np.zeros((16, k_max))         # decayed accepted counts per request and position
         self._n = np.zeros((16, k_max))         # decayed observed counts
+        self._free: list[int] = list(range(15, -1, -1))
         self._pos = np.arange(k_max)
 
     @property
