@@ -9,14 +9,17 @@ accepted), exactly the factor the value of drafting multiplies in:
     v_i(k) = 1 + sum_{j<k} prod_{m<=j} a_{i,m}
 
 Global per-position curve: Beta counts that age with every verification, seen
-or not (the workload drifts); the prior of position j is the estimate of
-position j-1 (position 0:
-`prior_mean`), so a deep position seen rarely borrows from the shallower ones
-instead of staying wherever two unlucky draws left it, which would stop the
-plan from ever drafting that deep again. Per request: Beta-Bernoulli with the
-global curve as prior of strength `prior_strength`, and a faster decay so a
-request whose text turns predictable (or stops being so) is followed within a
-few steps. Counts live in one array row per request so a step's updates and
+or not (the workload drifts). The prior of position 0 is `prior_mean`, of
+position 1 the estimate of position 0, and of a deeper position j the estimate
+of j-1 times the ratio of j-1 to j-2 (capped at 1): a deep position seen rarely
+continues the trend of the shallower ones (flat stays flat, a falling rate keeps
+falling) instead of staying wherever two unlucky draws left it, which would stop
+the plan from ever drafting that deep again, or of borrowing the shallower
+positions' higher rate, which would draft too deep where acceptance decays.
+
+Per request: Beta-Bernoulli with the global curve as prior of strength
+`prior_strength`, and a faster decay so a request whose text turns predictable
+(or stops being so) is followed within a few steps. Counts live in one array row per request so a step's updates and
 reads are vectorised.
 """
 
@@ -44,10 +47,16 @@ class AcceptanceEstimator:
     def global_curve(self) -> np.ndarray:
         """(k_max,) conditional acceptance per position, all requests together."""
         if self._curve is None:
-            curve, prev, s = np.empty(self.k_max), self.prior_mean, self.chain_strength
-            for j in range(self.k_max):
-                prev = curve[j] = (self._ga[j] + s * prev) / (self._gn[j] + s)
-            self._curve = curve
+            curve, s = [], self.chain_strength
+            for j, (a, n) in enumerate(zip(self._ga.tolist(), self._gn.tolist())):
+                if j == 0:
+                    prior = self.prior_mean
+                elif j == 1:
+                    prior = curve[0]
+                else:       # continue the shallower positions' trend (flat or falling), never rising
+                    prior = curve[j - 1] * min(1.0, curve[j - 1] / max(curve[j - 2], 1e-6))
+                curve.append((a + s * prior) / (n + s))
+            self._curve = np.array(curve)
         return self._curve
 
     def _rows(self, req_ids) -> np.ndarray:
@@ -80,24 +89,39 @@ class AcceptanceEstimator:
 
     def observe(self, req_ids, drafted, accepted) -> None:
         """One verification per request: drafted[i] drafts, the first accepted[i] accepted."""
-        drafted = np.asarray(drafted)
-        accepted = np.asarray(accepted)
-        keep = drafted > 0
-        if not keep.any():
+        batch = [(rid, int(d), int(a)) for rid, d, a in zip(req_ids, drafted, accepted) if d > 0]
+        if not batch:
             return
-        if np.any((accepted < 0) | (accepted > drafted)):
-            raise ValueError(f"accepted {accepted.tolist()} outside 0..drafted {drafted.tolist()}")
-        rows = self._rows([r for r, k in zip(req_ids, keep) if k])
-        drafted, accepted = drafted[keep], accepted[keep]
+        bad = [(d, a) for _, d, a in batch if not 0 <= a <= d]
+        if bad:
+            raise ValueError(f"accepted {bad[0][1]} outside 0..drafted {bad[0][0]}")
+        # Every position's evidence ages with every verification, seen or not: a deep
+        # position the plans stopped reaching drifts back toward its trend prior
+        # (the shallower positions' rate), so it is tried again if that makes it pay.
+        g = self.global_decay ** len(batch)
+        self._ga *= g
+        self._gn *= g
+        self._curve = None
+        rows = self._rows([b[0] for b in batch])
+        if len(batch) <= 8:
+            # A few requests: slices (positions 0..a-1 accepted, 0..min(a+1, d)-1 seen) beat array masks.
+            rd = self.request_decay
+            for r, (_, d, a) in zip(rows.tolist(), batch):
+                seen = min(a + 1, d)
+                self._ga[:a] += 1.0
+                self._gn[:seen] += 1.0
+                ar, nr = self._a[r], self._n[r]
+                ar[:seen] *= rd
+                nr[:seen] *= rd
+                ar[:a] += 1.0
+                nr[:seen] += 1.0
+            return
+        drafted = np.array([b[1] for b in batch])
+        accepted = np.array([b[2] for b in batch])
         seen = np.minimum(accepted + 1, drafted)[:, None] > self._pos      # outcome known
         hit = accepted[:, None] > self._pos
-        # Every position's evidence ages with every verification, seen or not: a deep
-        # position the plans stopped reaching drifts back toward its chained prior
-        # (the shallower positions' rate), so it is tried again if that makes it pay.
-        g = self.global_decay ** len(rows)
-        self._ga = self._ga * g + hit.sum(axis=0)
-        self._gn = self._gn * g + seen.sum(axis=0)
-        self._curve = None
+        self._ga += hit.sum(axis=0)
+        self._gn += seen.sum(axis=0)
         r = np.where(seen, self.request_decay, 1.0)
         self._a[rows] = self._a[rows] * r + hit
         self._n[rows] = self._n[rows] * r + seen

@@ -353,8 +353,8 @@ class Controller:
         """Remember which experts each request's tokens used this step.
         token_experts: (MoE layers, T, K) ids of the step's T tokens, requests'
         chunks back to back with `lengths` tokens each."""
-        if token_experts is None or not req_ids or self.reuse_weight <= 0:
-            return
+        if token_experts is None or len(req_ids) < 2 or self.reuse_weight <= 0:
+            return          # overlap needs two requests in a step; one alone has nobody to share with
         t0 = time.perf_counter()
         L, T, K = token_experts.shape
         E = self.cost.experts.E

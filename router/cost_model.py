@@ -78,12 +78,14 @@ class DistinctExperts:
         self.beta = 1.0
         self._obs: deque = deque(maxlen=window)
         self._since_fit = 0
+        self._pow = np.power(np.arange(129, dtype=float)[:, None], self.BETAS)     # q ** beta, q = 0..128
 
     def predict_from_neff(self, n_eff):
         return self.E * (1.0 - np.power(self.miss, n_eff))
 
     def n_eff(self, q) -> float:
-        return float(np.sum(np.power(np.asarray(q, dtype=float), self.beta)))
+        b = self.beta
+        return float(sum(v ** b for v in q))
 
     def predict(self, q) -> float:
         return float(self.predict_from_neff(self.n_eff(q))) if self.E else 0.0
@@ -91,9 +93,12 @@ class DistinctExperts:
     def observe(self, q, mean_distinct: float) -> None:
         if not self.E or not len(q):
             return
-        q = np.asarray(q, dtype=float)
-        # n_eff of this step for every candidate beta, computed once
-        self._obs.append((np.power(q[:, None], self.BETAS).sum(axis=0), mean_distinct))
+        # n_eff of this step for every candidate beta, computed once (rows of a table for small counts)
+        if all(type(v) is int and 0 <= v < len(self._pow) for v in q):
+            neff = self._pow[q[0]] if len(q) == 1 else self._pow[list(q)].sum(axis=0)
+        else:
+            neff = np.power(np.asarray(q, dtype=float)[:, None], self.BETAS).sum(axis=0)
+        self._obs.append((neff, mean_distinct))
         self._since_fit += 1
         if self._since_fit >= 8:
             self.fit()
@@ -108,14 +113,15 @@ class DistinctExperts:
         self.beta = float(self.BETAS[int(np.argmin(err))])
 
 
-def _median_time(fn, reps: int) -> float:
-    fn()                                                   # warm-up
+def _min_time(fn, reps: int) -> float:
+    """The fastest of `reps` timed calls after a warm-up (robust to other load on the machine)."""
+    fn()
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+    return min(ts)
 
 
 class CostModel:
@@ -141,20 +147,18 @@ class CostModel:
         self._err_sum = 0.0
         self._steps = 0
         self._since_fit = 0
+        self._z_new = False
         self.profile_seconds = 0.0
 
     # ---- features --------------------------------------------------------------------------------------------
 
     def target_features(self, q, ctx) -> np.ndarray:
         """q[i] tokens appended after ctx[i] cached ones, per sequence in the step."""
-        q = [float(v) for v in q]
-        ctx = [float(v) for v in ctx]
-        n = sum(q)
-        beta = self.experts.beta
-        experts = (self.moe_layers * float(self.experts.predict_from_neff(sum(v ** beta for v in q))) / self.ep
-                   if self.experts.E else 0.0)
-        attn = sum(a * b + a * (a + 1) / 2 for a, b in zip(q, ctx)) / ATTN_UNIT
-        return np.array([1.0, len(q), n, experts, attn, n * self.a2a_mb_per_token])
+        n = float(sum(q))
+        ex = self.experts
+        experts = (self.moe_layers * ex.E * (1.0 - ex.miss ** ex.n_eff(q)) / self.ep) if ex.E else 0.0
+        attn = sum(a * b + a * (a + 1) * 0.5 for a, b in zip(q, ctx)) / ATTN_UNIT
+        return np.array([1.0, len(q), n, experts, float(attn), n * self.a2a_mb_per_token])
 
     @staticmethod
     def draft_features(k, catch_up=None) -> np.ndarray:
@@ -215,7 +219,7 @@ class CostModel:
                     counts[0] += rows - int(counts.sum())
                     x = torch.randn(rows, D, dtype=model.dtype, device=model.device) * 0.1
                     counts = counts.to(model.device)
-                    pts.append((rows, distinct, _median_time(lambda: moe.grouped(x, counts), 3)))
+                    pts.append((rows, distinct, _min_time(lambda: moe.grouped(x, counts), 3)))
         if len(pts) < 3:
             return None
         A = np.array([[1.0, r, dd] for r, dd, _ in pts])
@@ -223,6 +227,11 @@ class CostModel:
         return float(coef[2])
 
     def _profile_forward(self, runner, deadline):
+        """Whole target forwards at chosen (batch, tokens) and two contexts.
+        The two contexts are timed alternately (two groups of slots), each
+        point's figure the fastest of its repetitions: a step another process
+        stretched says nothing about the plan's price, and timing one context
+        after the other would let a change of load pass for attention cost."""
         cache = runner.cache
         slots = []
         X, y = [], []
@@ -236,30 +245,39 @@ class CostModel:
 
             def rand(n):
                 return torch.randint(0, V, (n,), generator=gen).tolist()
-            # Two contexts, so attention (query x context) is told apart from per-token work.
             ctx_lo = min(16, cache.capacity // 4)
-            ctx_hi = max(ctx_lo, min(128, cache.capacity - 9))
-            done = 0
-            for ctx0 in sorted({ctx_lo, ctx_hi}):
-                runner.run([Chunk(s, done, rand(ctx0 - done)) for s in slots])   # grow the context
-                done = ctx0
-                for B in sorted({1, 2, 4, len(slots)}):
-                    for q in (1, 3, 8):
-                        if B > len(slots) or ctx0 + q > cache.capacity or time.perf_counter() > deadline:
+            ctx_hi = max(ctx_lo, min(256, cache.capacity - 9))
+            if len(slots) >= 2 and ctx_hi > ctx_lo:
+                half = len(slots) // 2
+                groups = [(ctx_lo, slots[:half]), (ctx_hi, slots[half:2 * half])]
+            else:
+                groups = [(ctx_lo, slots)]
+            for ctx0, group in groups:
+                runner.run([Chunk(s, 0, rand(ctx0)) for s in group])           # fill the context
+            size = len(groups[0][1])
+            # The most telling points first, in case the budget runs out.
+            points = [(B, q) for B in sorted({1, 4, size, 2}) for q in (1, 8, 3) if B <= size]
+            for B, q in points:
+                if time.perf_counter() > deadline:
+                    break
+                best: dict = {}
+                for rep in range(4):                  # rep 0 warms up
+                    for ctx0, group in groups:
+                        if ctx0 + q > cache.capacity:
                             continue
-                        chunks = [Chunk(s, ctx0, rand(q)) for s in slots[:B]]
-                        out = {}
-
-                        def go():
-                            out["o"] = runner.run(chunks, routing=True)
-                        t = _median_time(go, 3)
-                        routing = out["o"].routing
-                        x = self.target_features([q] * B, [ctx0] * B)
-                        if routing is not None and self.moe_layers:
-                            x[3] = sum(routing.distinct_experts) / self.ep     # the measured count
-                            self.experts.observe([q] * B, routing.mean_distinct)
-                        X.append(x)
-                        y.append(t)
+                        chunks = [Chunk(s, ctx0, rand(q)) for s in group[:B]]
+                        t0 = time.perf_counter()
+                        o = runner.run(chunks, routing=True)
+                        t = time.perf_counter() - t0
+                        if rep and (ctx0 not in best or t < best[ctx0][0]):
+                            best[ctx0] = (t, o.routing)
+                for ctx0, (t, routing) in best.items():
+                    x = self.target_features([q] * B, [ctx0] * B)
+                    if routing is not None and self.moe_layers:
+                        x[3] = sum(routing.distinct_experts) / self.ep     # the measured count
+                        self.experts.observe([q] * B, routing.mean_distinct)
+                    X.append(x)
+                    y.append(t)
             self.experts.fit()
         finally:
             for s in slots:
@@ -308,10 +326,12 @@ class CostModel:
         self._x.append((x, target_s))
         if z[0] > 0 or draft_s > 1e-4:
             self._z.append((z, draft_s))
+            self._z_new = True
         self._since_fit += 1
         self._steps += 1
-        # Refit often while the window fills, then every 32 steps.
-        if self._since_fit >= (8 if self._steps < 128 else 32):
+        # Refit every 16 steps while the window fills, then every 64 (a refit is ~1 ms
+        # of NNLS; the profile already gave coefficients close to the machine's).
+        if self._since_fit >= (16 if self._steps < 128 else 64):
             self.refit()
 
     def refit(self) -> None:
@@ -320,7 +340,9 @@ class CostModel:
         the window) so features the window does not vary keep their profiled value."""
         self._since_fit = 0
         self.c = self._fit(self._x, self._profile_x, self._prior_c, self.c)
-        self.d = self._fit(self._z, self._profile_z, self._prior_d, self.d)
+        if self._z_new:                 # no drafter step since the last refit: nothing new to fit
+            self._z_new = False
+            self.d = self._fit(self._z, self._profile_z, self._prior_d, self.d)
 
     def _fit(self, window, anchors, prior, current):
         """NNLS, then again without the steps it fits worst beyond 3 median
