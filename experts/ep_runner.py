@@ -5,7 +5,10 @@ It has the ModelRunner interface the engine drives (`config`, `checkpoint`,
 weights: W `EPWorker` actors (experts/ep_worker.py) in one placement group do
 the forward. Per step it encodes one `StepPlan` (msgspec), sends the same
 bytes to every worker, waits for all `StepResult`s with a deadline and
-reassembles the logits in chunk order.
+reassembles the logits in chunk order. The plan and results travel over the
+control plane chosen at construction: one TCP connection per worker
+(experts/ep_channel.py, the default), a plain Ray actor call per worker, or a
+Ray compiled graph.
 
 Start-up: placement group (PACK or SPREAD, optional custom resources per
 bundle) -> one actor per bundle -> rank 0 starts a TCPStore on port 0 of its node (the OS picks
@@ -13,9 +16,11 @@ a free port) -> every rank joins the torch.distributed group there (gloo on CPU,
 CUDA, with a collective timeout) and loads the dense weights and its experts.
 
 Failure: a worker that dies (or a step that outlives `step_timeout_s`) is
-seen by polling `ray.wait`; the runner then kills every worker (survivors may
-sit in a collective that will never complete), removes the placement group
-and raises `EPWorkerError` naming the rank; later calls raise it again.
+seen at once as its control connection closing (socket control), by polling
+`ray.wait` (actor calls) or by the compiled graph's monitor; the runner then
+kills every worker (survivors may sit in a collective that will never
+complete), removes the placement group and raises `EPWorkerError` naming the
+rank; later calls raise it again.
 """
 
 import logging
@@ -27,6 +32,7 @@ import torch
 
 from .batch import Chunk
 from .checkpoint import DTYPES, read_checkpoint
+from .ep_channel import ChannelError, RouterChannel
 from .ep_worker import ChunkMsg, EPWorker, StepPlan, StepResult
 from .placement import balanced, contiguous
 from .runner import StepOutput
@@ -96,15 +102,17 @@ class EPRunner:
                  num_cpus_per_worker: float | None = None, bundle_resources: dict | None = None,
                  expert_load: Sequence[float] | None = None, step_timeout_s: float = 120.0,
                  collective_timeout_s: float = 60.0, startup_timeout_s: float = 120.0, poll_s: float = 0.2,
-                 control: str = "actor", comm: str = "torch"):
+                 control: str = "socket", comm: str = "torch"):
         """Start `ep` workers for the checkpoint at `path`. expert_load (per
         expert, e.g. tokens routed) switches placement from contiguous to
         balanced. num_cpus_per_worker defaults to 1 on CUDA (plus one GPU) and to
-        an even share of the node's CPUs on CPU, capped at 1. control: "actor"
-        (one plain actor call per worker and step) or "compiled" (a Ray compiled
-        graph fanning the plan out over shared-memory channels: less overhead
-        per step, see docs/BENCHMARKS.md). comm: "torch" or "deepspeed" (the
-        all-to-all through deepspeed.comm; optional extra, benchmark only)."""
+        an even share of the node's CPUs on CPU, capped at 1. control: "socket"
+        (one TCP connection per worker carrying plans and results, the least
+        overhead and nothing running while idle), "actor" (one plain Ray actor
+        call per worker and step) or "compiled" (a Ray compiled graph over
+        shared-memory channels, whose idle readers spin); see
+        docs/BENCHMARKS.md. comm: "torch" or "deepspeed" (the all-to-all
+        through deepspeed.comm; optional extra, benchmark only)."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -116,8 +124,8 @@ class EPRunner:
                              f"STRICT_SPREAD")
         if comm not in ("torch", "deepspeed"):
             raise ValueError(f"comm {comm!r}: expected 'torch' or 'deepspeed'")
-        if control not in ("actor", "compiled"):
-            raise ValueError(f"control {control!r}: expected 'actor' or 'compiled'")
+        if control not in ("socket", "actor", "compiled"):
+            raise ValueError(f"control {control!r}: expected 'socket', 'actor' or 'compiled'")
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPES)}")
         self.checkpoint = read_checkpoint(path)
@@ -132,7 +140,7 @@ class EPRunner:
         else:
             self.placement = contiguous(E, ep)
         print(f"specmoe EP={ep}: {self.placement.describe()}", flush=True)
-        self._held = [torch.tensor(self.placement.experts_of(r)) for r in range(ep)]
+        self._held = [self.placement.experts_of(r) for r in range(ep)]
         cuda = device.startswith("cuda")
         local_device = torch.device(device) if not cuda or torch.cuda.is_available() else torch.device("cpu")
         self.model = _ModelInfo(c, local_device, DTYPES[dtype], max_seq_len)
@@ -142,7 +150,7 @@ class EPRunner:
         self._next_cache = 1
         self._step = 0
         self._error: str | None = None
-        self.workers, self.pg, self._dag = [], None, None
+        self.workers, self.pg, self._dag, self._channel, self._pings = [], None, None, None, None
 
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
@@ -174,6 +182,11 @@ class EPRunner:
             self.worker_info = self._gather([w.init.remote(host, port, collective_timeout_s, comm)
                                              for w in self.workers],
                                             f"process group at {host}:{port}", startup_timeout_s)
+            if control == "socket":
+                self._channel = RouterChannel(ray.util.get_node_ip_address(), ep)
+                self._gather([w.attach.remote(*self._channel.address, self._channel.token) for w in self.workers],
+                             "control connection", startup_timeout_s)
+                self._channel.accept(startup_timeout_s)
         except BaseException:
             self.close()
             raise
@@ -255,6 +268,40 @@ class EPRunner:
                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         return out
 
+    def _gather_channel(self, logits: torch.Tensor, rows: list[int], what: str, timeout_s: float) -> list[bytearray]:
+        """The socket control plane's results (logits rows into `logits`, see
+        RouterChannel.gather); a closed connection names its rank as dead, a
+        failed step names the dead rank behind it if there is one."""
+        try:
+            return self._channel.gather(logits, rows, timeout_s, self.poll_s, self._check_alive)
+        except ChannelError as e:
+            dead = [e.rank] if e.closed else self._channel.closed_ranks(wait_s=2.0)
+            if not dead:
+                dead = self._dead_ranks([w.ping.remote() for w in self.workers], None)
+            who = dead[0] if dead else e.rank
+            self._fail(f"EP worker rank {who} of {self.W} {'died' if dead else 'failed'} during {what}"
+                       + ("" if e.closed else f": {e}"))
+        except TimeoutError as e:
+            self._fail(f"{e} during {what}")
+
+    def _check_alive(self) -> None:
+        """During a long step (poll_s without results): ask Ray whether every
+        worker is alive (a lost node does not close its connections); answered
+        by the actors' own threads, which the step does not occupy."""
+        import ray
+        from ray.exceptions import RayActorError
+        if self._pings is None:
+            self._pings = [w.ping.remote() for w in self.workers]
+            return
+        ready, _ = ray.wait(self._pings, num_returns=len(self._pings), timeout=0)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except RayActorError as e:
+                raise ChannelError(self._pings.index(ref), True, f"{type(e).__name__}") from None
+        if len(ready) == len(self._pings):
+            self._pings = None
+
     def _dead_ranks(self, pending: list, index: dict | None) -> list[int]:
         """Ranks whose actor is dead among `pending` refs (index: ref -> rank; None: refs in rank order)."""
         import ray
@@ -286,6 +333,9 @@ class EPRunner:
         import ray
         from ray.util.placement_group import remove_placement_group
         dag, self._dag = self._dag, None
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
         if dag is not None and not failed:
             try:
                 dag.teardown()
@@ -349,57 +399,75 @@ class EPRunner:
             if c.start + len(c.tokens) > cache.capacity:
                 raise ValueError(f"sequence of {c.start + len(c.tokens)} tokens exceeds the cache capacity of "
                                  f"{cache.capacity} per slot")
-            bad = [t for t in c.tokens if not 0 <= t < V]
-            if bad:
-                raise ValueError(f"token id {bad[0]} outside the vocabulary 0..{V - 1}")
+            if c.tokens and not (0 <= min(c.tokens) and max(c.tokens) < V):
+                bad = next(t for t in c.tokens if not 0 <= t < V)
+                raise ValueError(f"token id {bad} outside the vocabulary 0..{V - 1}")
         if not chunks:
             raise ValueError("a forward needs at least one chunk")
         if num_logits is not None:
             for c, n in zip(chunks, num_logits):
                 if not 1 <= n <= len(c.tokens):
                     raise ValueError(f"num_logits {n} outside 1..{len(c.tokens)} for a chunk of {len(c.tokens)}")
+        rows, order = self._layout(chunks, num_logits, all_logits)
         self._step += 1
-        plan = _encode.encode(StepPlan(self._step, [ChunkMsg(c.slot, c.start, list(c.tokens)) for c in chunks],
-                                       None if num_logits is None else list(num_logits), all_logits, cache.id,
-                                       None if layer_ids is None else list(layer_ids), routing))
+        plan = _encode.encode(StepPlan(self._step, [ChunkMsg(c.slot, c.start, c.tokens) for c in chunks],
+                                       num_logits, all_logits, cache.id, layer_ids, routing))
         t1 = time.perf_counter()
         if self._error:
             raise EPWorkerError(self._error)
-        if self._dag is not None:
-            raw = self._gather_compiled(self._dag.execute(plan), f"step {self._step}", self.step_timeout_s)
+        what = f"step {self._step}"
+        if self._channel is not None:
+            try:
+                self._channel.broadcast(plan)
+            except ChannelError as e:
+                self._fail(f"EP worker rank {e.rank} of {self.W} died before {what}: {e}")
+            flat = torch.empty(sum(rows), V)
+            raw = self._gather_channel(flat, rows, what, self.step_timeout_s)
+        elif self._dag is not None:
+            raw = self._gather_compiled(self._dag.execute(plan), what, self.step_timeout_s)
         else:
-            raw = self._gather([w.step.remote(plan) for w in self.workers], f"step {self._step}",
-                               self.step_timeout_s)
+            raw = self._gather([w.step.remote(plan) for w in self.workers], what, self.step_timeout_s)
         t2 = time.perf_counter()
         res = [_decode_result.decode(b) for b in raw]
-        logits = self._assemble(chunks, num_logits, all_logits, res, V)
-        out = StepOutput(logits=logits.to(self.model.device),
-                         routing=self._routing(res) if routing else None)
+        if self._channel is None:
+            flat = torch.cat([torch.frombuffer(r.logits, dtype=torch.float32) for r in res if r.rows]).view(-1, V)
+        logits = flat if order is None else flat.index_select(0, order)
+        out = StepOutput(logits=logits.to(self.model.device), routing=self._routing(res) if routing else None)
         t4 = time.perf_counter()
         out.extra.update(self._measurements(res, t4 - t0, (t1 - t0) + (t4 - t2), t2 - t1))
         return out
 
-    def _assemble(self, chunks, num_logits, all_logits, res: list[StepResult], V: int) -> torch.Tensor:
-        """Rows per chunk in plan order, each rank's block holding its chunks in order."""
-        blocks = [torch.frombuffer(bytearray(r.logits), dtype=torch.float32).view(r.rows, V) if r.rows
-                  else None for r in res]
-        at = [0] * self.W
-        parts = []
+    def _layout(self, chunks, num_logits, all_logits) -> tuple[list[int], torch.Tensor | None]:
+        """Logits rows per rank, and where each output row (chunks in plan order,
+        each chunk's rows) sits in the rank-major rows the workers send back
+        (None: already in order)."""
+        W = self.W
+        rows, spans = [0] * W, []
         for i, c in enumerate(chunks):
-            r = c.slot % self.W
+            r = c.slot % W
             n = len(c.tokens) if all_logits else (num_logits[i] if num_logits is not None else 1)
-            parts.append(blocks[r][at[r]:at[r] + n])
-            at[r] += n
-        return torch.cat(parts)
+            spans.append((r, rows[r], n))
+            rows[r] += n
+        if W == 1:
+            return rows, None
+        start = [0] * W
+        for r in range(1, W):
+            start[r] = start[r - 1] + rows[r - 1]
+        order = [start[r] + at + j for r, at, n in spans for j in range(n)]
+        if order == list(range(len(order))):
+            return rows, None
+        return rows, torch.tensor(order)
 
     def _routing(self, res: list[StepResult]) -> RoutingSnapshot:
         """Global tokens per expert: each expert's rows were counted by its owner."""
-        E = self.placement.num_experts
-        tpe = torch.zeros(self.config.num_layers, E, dtype=torch.int64)
+        rows = [[0] * self.placement.num_experts for _ in range(self.config.num_layers)]
         for r in res:
             held = self._held[r.rank]
-            tpe[:, held] = torch.tensor(r.tokens_per_expert, dtype=torch.int64).view(-1, len(held))
-        return RoutingSnapshot(tokens_per_expert=tpe, distinct_experts=(tpe > 0).sum(dim=1).tolist())
+            for row, counts in zip(rows, r.tokens_per_expert):
+                for e, n in zip(held, counts):
+                    row[e] = n
+        return RoutingSnapshot(tokens_per_expert=torch.tensor(rows, dtype=torch.int64),
+                               distinct_experts=[sum(1 for n in row if n) for row in rows])
 
     def _measurements(self, res: list[StepResult], total_s: float, router_s: float, wait_s: float) -> dict:
         """Per rank (lists in rank order) and per MoE layer ([rank][layer])."""

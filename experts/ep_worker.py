@@ -10,7 +10,9 @@ MoE layer's all-to-all (with zero tokens if it has none); it answers with a
 `StepResult` holding the logits of its rows and what it measured.
 
 Messages are msgspec structs (plan in, result out); tensors travel only over
-torch.distributed inside the MoE layers.
+torch.distributed inside the MoE layers, and, with the socket control plane
+(experts/ep_channel.py, the default), the logits rows as raw float32 bytes
+after the result struct.
 
 Slots: global slot s lives on rank s % W, at local slot s // W.
 """
@@ -45,10 +47,11 @@ class StepPlan(msgspec.Struct, frozen=True):
 
 class StepResult(msgspec.Struct, frozen=True):
     rank: int
-    logits: bytes                           # (rows, V) float32, this rank's chunks in plan order
+    logits: bytearray                       # (rows, V) float32, this rank's chunks in plan order (socket
+                                            # control: empty here, the rows follow the struct raw)
     rows: int
     tokens: int                             # attention tokens this rank ran
-    forward_s: float                        # the whole step on this rank (from plan decoded to logits ready)
+    forward_s: float                        # the whole step on this rank, from plan decoded to logits ready
     a2a_s: list[float]                      # per MoE layer: dispatch + combine seconds
     a2a_sync_s: list[float]                 # per MoE layer: of which the counts exchange (waiting for peers)
     a2a_bytes_out: list[int]                # per MoE layer: row bytes sent to other ranks
@@ -136,9 +139,29 @@ class EPWorker:
         self.caches[cache_id] = self.runner.new_cache(-(-num_slots // self.W), capacity, num_layers)
         return cache_id
 
+    def attach(self, host: str, port: int, token: bytes) -> None:
+        """Open the socket control connection to the router and serve steps on
+        it from a thread of this process (experts/ep_channel.py); the actor's
+        own thread stays free for Ray calls (new_cache, liveness pings)."""
+        from .ep_channel import connect, start_thread
+        start_thread(connect(host, port, token, self.rank, 30.0), self._step_parts, self.rank)
+
+    def ping(self) -> int:
+        return self.rank
+
     def step(self, plan_bytes: bytes) -> bytes:
-        t0 = time.perf_counter()
+        """One step through Ray (actor call or compiled graph): the result with its logits inline."""
+        res, logits = self._run(plan_bytes)
+        return _encode.encode(msgspec.structs.replace(res, logits=logits.numpy().tobytes()))
+
+    def _step_parts(self, plan_bytes) -> tuple[bytes, object]:
+        """One step through the control socket: the result without logits, and the logits rows (numpy)."""
+        res, logits = self._run(plan_bytes)
+        return _encode.encode(res), logits.numpy()
+
+    def _run(self, plan_bytes) -> tuple[StepResult, torch.Tensor]:
         plan = _decode_plan.decode(plan_bytes)
+        t0 = time.perf_counter()
         self.dispatcher.log.reset()
         mine = [i for i, c in enumerate(plan.chunks) if c.slot % self.W == self.rank]
         chunks = [Chunk(plan.chunks[i].slot // self.W, plan.chunks[i].start, plan.chunks[i].tokens) for i in mine]
@@ -154,14 +177,15 @@ class EPWorker:
         tpe = []
         if plan.routing:
             tpe = self.model.routing_stats.counts.cpu().tolist()
+        forward_s = time.perf_counter() - t0
         log = self.dispatcher.log.layers
-        res = StepResult(rank=self.rank, logits=logits.numpy().tobytes(), rows=logits.shape[0],
-                         tokens=sum(len(c.tokens) for c in chunks), forward_s=time.perf_counter() - t0,
+        res = StepResult(rank=self.rank, logits=bytearray(), rows=logits.shape[0],
+                         tokens=sum(len(c.tokens) for c in chunks), forward_s=forward_s,
                          a2a_s=[x.a2a_s for x in log], a2a_sync_s=[x.sync_s for x in log],
                          a2a_bytes_out=[x.bytes_out for x in log],
                          a2a_bytes_in=[x.bytes_in for x in log], expert_s=[x.expert_s for x in log],
                          tokens_per_expert=tpe)
-        return _encode.encode(res)
+        return res, logits
 
     @torch.inference_mode()
     def _idle(self, layer_ids: list[int] | None) -> None:

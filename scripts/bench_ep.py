@@ -1,9 +1,9 @@
 """Expert-parallel decode step: time breakdown at EP 1/2/4, control-plane
-overhead (plain actor calls vs a Ray compiled graph), and the all-to-all
-through plain torch.distributed vs deepspeed.comm.
+overhead (the socket control plane vs plain Ray actor calls vs a Ray compiled
+graph), and the all-to-all through plain torch.distributed vs deepspeed.comm.
 
     .venv/bin/python scripts/bench_ep.py [--model DIR] [--ep 1,2,4] [--batch 1,4,16,64]
-        [--steps 20] [--prompt-len 32] [--control actor,compiled] [--comm torch,deepspeed]
+        [--steps 20] [--prompt-len 32] [--control socket,actor,compiled] [--comm torch,deepspeed]
         [--cpus-per-worker 0.5] [--json PATH]
 
 --model defaults to moe-bench (scripts/make_moe_bench.py; built into
@@ -28,6 +28,9 @@ token per sequence through runner.run (the engine's call), and reads:
 
 Figures are medians over steps. On a CPU box the ranks share the cores, so EP
 does not speed anything up here; the point is the breakdown and the overheads.
+A compiled graph's idle workers spin on their channels (a share of a core
+each), so on a small box they slow every other configuration of the same run
+too: measure `--control socket` alone as well.
 """
 
 import argparse
@@ -94,7 +97,7 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--control", default="actor,compiled")
+    ap.add_argument("--control", default="socket,actor,compiled")
     ap.add_argument("--comm", default="torch,deepspeed")
     ap.add_argument("--cpus-per-worker", type=float, default=0.5)
     ap.add_argument("--device", default="cpu")
@@ -152,12 +155,22 @@ def main():
             for c in configs:
                 c.release()
         report(configs, batches)
+        print(f"load average at the end (this run's processes included): {os.getloadavg()[0]:.2f}")
         if a.json:
             Path(a.json).write_text(json.dumps({c.name: c.rows for c in configs}, indent=1))
     finally:
         for c in configs:
             getattr(c.runner, "close", lambda: None)()
         ray.shutdown()
+
+
+def p90(xs):
+    return sorted(xs)[int(0.9 * len(xs))] if xs else float("nan")
+
+
+def fmt(xs):
+    """'median (p90)' in ms."""
+    return f"{1e3 * med(xs):.3f} ({1e3 * p90(xs):.3f})"
 
 
 def report(configs, batches):
@@ -175,13 +188,13 @@ def report(configs, batches):
             print(f"{c.name:<24}{B:>4}{ms('step_s'):>9}{ms('control_s'):>8}{ms('a2a_s'):>8}{ms('sync_s'):>8}"
                   f"{ms('expert_s'):>9}"
                   f"{ms('attn_dense_s'):>11}{kib:>9}{dist:>9}{f['step_s'] / base:>11.2f}")
-    print("\ncontrol plane per step, median over all batches (goal <= 1 ms):")
+    print("\ncontrol plane per step, ms: median (p90) over all batches, then per batch (goal <= 1 ms median):")
     for c in configs[1:]:
         cp = [r["control_s"] for B in batches for r in c.rows[B]]
         own = [r["router_s"] for B in batches for r in c.rows[B]]
-        print(f"  {c.name:<24}{1e3 * med(cp):.3f} ms  (p90 {1e3 * sorted(cp)[int(0.9 * len(cp))]:.3f} ms; "
-              f"router's own work {1e3 * med(own):.3f} ms, "
-              f"transport {1e3 * med([x - y for x, y in zip(cp, own)]):.3f} ms)")
+        per_b = ", ".join(f"B={B} {fmt([r['control_s'] for r in c.rows[B]])}" for B in batches)
+        print(f"  {c.name:<24}{fmt(cp)}; router's own work {1e3 * med(own):.3f}, "
+              f"transport {1e3 * med([x - y for x, y in zip(cp, own)]):.3f}; {per_b}")
     ds = [c for c in configs if c.name.endswith("deepspeed")]
     for d in ds:
         ref = next(c for c in configs if c.name == d.name.replace(" deepspeed", ""))

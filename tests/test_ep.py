@@ -51,6 +51,66 @@ def test_balanced_placement_evens_out_measured_load():
         balanced([1, -1], 2)
 
 
+# ---- the socket control plane (no Ray) ------------------------------------------------------------------------
+
+def _channel_pair():
+    """A router channel and two "workers" serving on threads: rank r answers a
+    plan with (plan + its rank, rows of value r + column), rank 1 raises on
+    b"boom"; a stranger without the token connects first and is refused."""
+    import socket
+
+    from specmoe.experts import ep_channel as ch
+    router = ch.RouterChannel("127.0.0.1", 2)
+    stranger = socket.create_connection(router.address)
+    stranger.sendall(b"x" * 20)
+
+    def step_of(rank):
+        def step(plan):
+            if bytes(plan) == b"boom" and rank == 1:
+                raise ValueError("bad plan")
+            rows = torch.full((rank + 1, 3), float(rank)) + torch.arange(3.0)
+            return bytes(plan) + bytes([rank]), rows.numpy()
+        return step
+    socks = {r: ch.connect(*router.address, router.token, r, 5.0) for r in (1, 0)}
+    for r, sock in socks.items():
+        ch.start_thread(sock, step_of(r), r)
+    router.accept(5.0)
+    stranger.close()
+    return router, socks
+
+
+def test_control_channel_frames_logits_into_place_and_reports_failures():
+    """Rows land rank-major in the router's tensor; a step that raises comes
+    back as that rank's failure, a closed connection as its death."""
+    import socket
+
+    from specmoe.experts.ep_channel import ChannelError
+    router, _ = _channel_pair()
+    try:
+        for _ in range(2):
+            router.broadcast(b"go")
+            logits = torch.empty(3, 3)
+            got = router.gather(logits, [1, 2], 5.0, 0.05, lambda: None)
+            assert [bytes(m) for m in got] == [b"go\x00", b"go\x01"]
+            assert torch.equal(logits, torch.tensor([[0.0, 1, 2], [1, 2, 3], [1, 2, 3]]))
+        router.broadcast(b"boom")
+        with pytest.raises(ChannelError, match="ValueError: bad plan") as err:
+            router.gather(torch.empty(3, 3), [1, 2], 5.0, 0.05, lambda: None)
+        assert err.value.rank == 1 and not err.value.closed
+    finally:
+        router.close()
+    router, socks = _channel_pair()
+    try:
+        socks[0].shutdown(socket.SHUT_RDWR)          # rank 0's process "dies"
+        router.broadcast(b"go")
+        with pytest.raises(ChannelError) as err:
+            router.gather(torch.empty(3, 3), [1, 2], 5.0, 0.05, lambda: None)
+        assert err.value.rank == 0 and err.value.closed
+        assert router.closed_ranks(0.5) == [0]
+    finally:
+        router.close()
+
+
 # ---- fixtures: checkpoints, the reference, one Ray cluster --------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -126,11 +186,11 @@ def runners(ray_cluster, target):
     from specmoe.experts.ep_runner import EPRunner
     made = {}
 
-    def get(ep: int):
-        if ep not in made:
-            made[ep] = EPRunner.from_pretrained(target, ep=ep, max_seqs=8, max_seq_len=128,
-                                                num_cpus_per_worker=0.5)
-        return made[ep]
+    def get(ep: int, control: str = "socket"):
+        if (ep, control) not in made:
+            made[ep, control] = EPRunner.from_pretrained(target, ep=ep, max_seqs=8, max_seq_len=128,
+                                                         num_cpus_per_worker=0.5, control=control)
+        return made[ep, control]
     yield get
     for r in made.values():
         r.close()
@@ -144,10 +204,12 @@ def _ragged_steps():
             ([Chunk(0, 8, [3, 4, 5]), Chunk(5, 11, [9]), Chunk(2, 12, [1, 2, 3, 4, 5])], [3, 1, 5])]
 
 
-@pytest.mark.parametrize("ep", [1, 2, 4])
-def test_logits_and_routing_equal_single_process(ep, runners, target):
+@pytest.mark.parametrize("ep,control", [(1, "socket"), (2, "socket"), (4, "socket"), (2, "actor")])
+def test_logits_and_routing_equal_single_process(ep, control, runners, target):
+    """The socket control plane (default) at every degree, plain actor calls at EP=2
+    (the compiled graph: the engine test below)."""
     ref = ModelRunner.from_pretrained(target, max_seqs=8, max_seq_len=128)
-    runner = runners(ep)
+    runner = runners(ep, control)
     for chunks, rows in _ragged_steps():
         want = ref.run(chunks, all_logits=rows is None, num_logits=rows, routing=True)
         got = runner.run(chunks, all_logits=rows is None, num_logits=rows, routing=True)
@@ -339,7 +401,7 @@ def test_auto_speculation_under_ep(ray_cluster, target, plain):
 
 # Last in the module: killing a worker of a compiled graph can take its node's raylet down with it
 # (seen once: a later test's workers then died at start-up).
-@pytest.mark.parametrize("control", ["actor", "compiled"])
+@pytest.mark.parametrize("control", ["socket", "actor", "compiled"])
 def test_killed_worker_is_detected_within_5s_and_nothing_hangs(control, ray_cluster, target):
     import ray
     from ray.util import placement_group_table

@@ -1,0 +1,250 @@
+"""The socket control plane of expert parallelism: one TCP connection per
+worker, carrying the step plan out and the step result back.
+
+Why not Ray for this: a plain actor call per worker and step costs ~1-3 ms of
+Ray machinery, and a Ray compiled graph, though faster, keeps every idle
+reader spinning on its shared-memory channel (sched_yield; ~25% of a core per
+worker measured on the 2-core box), which slows whatever else shares the
+cores, the router included. A blocked socket read costs nothing while idle and
+the kernel wakes the reader when the bytes arrive; a worker process that dies
+closes its socket, so the router sees the death at once as end-of-file.
+
+Frames (little-endian):
+
+- router -> worker: `u32 n` then n bytes of msgpack `StepPlan` (n = 0: stop).
+- worker -> router: `u32 meta, u32 logits, u8 status` then `meta` bytes
+  (status 0: msgpack `StepResult` without logits; 1: an error message in
+  UTF-8), then `logits` bytes: the rank's float32 logits rows, which the
+  router receives straight into a tensor.
+
+Ray still starts, places and kills the workers and carries every other call;
+the connection is made once, after the process group, from worker to router
+(the router listens on its own node's address, port 0, and accepts only
+connections that present the token it handed out through Ray).
+"""
+
+import secrets
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+_PLAN = struct.Struct("<I")
+_RESULT = struct.Struct("<IIB")
+_HELLO = struct.Struct("<16sI")          # token, rank
+
+
+class ChannelError(RuntimeError):
+    """A worker's connection closed (`closed`: its process is gone) or its step raised."""
+
+    def __init__(self, rank: int, closed: bool, message: str):
+        super().__init__(message)
+        self.rank, self.closed = rank, closed
+
+
+def _recv_into(sock: socket.socket, view: memoryview, rank: int) -> None:
+    while view.nbytes:
+        try:
+            n = sock.recv_into(view)
+        except OSError as e:          # e.g. connection reset by a killed peer
+            raise ChannelError(rank, True, f"control connection lost: {e}") from None
+        if n == 0:
+            raise ChannelError(rank, True, "control connection closed")
+        view = view[n:]
+
+
+def _send(sock: socket.socket, buffers: list) -> None:
+    """sendall over several buffers without joining them (sendmsg may send part)."""
+    views = [v.cast("B") for v in map(memoryview, buffers) if v.nbytes]
+    while views:
+        n = sock.sendmsg(views)
+        while n:
+            if n >= views[0].nbytes:
+                n -= views.pop(0).nbytes
+            else:
+                views[0], n = views[0][n:], 0
+
+
+def _nodelay(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+# ---- worker side ---------------------------------------------------------------------------------------------
+
+def connect(host: str, port: int, token: bytes, rank: int, timeout_s: float) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=timeout_s)
+    _nodelay(sock)
+    sock.settimeout(None)
+    sock.sendall(_HELLO.pack(token, rank))
+    return sock
+
+
+def serve(sock: socket.socket, step: Callable[[memoryview], tuple[bytes, object]]) -> None:
+    """The worker's loop (in its own thread): read a plan, run `step` on it
+    (-> result bytes, logits buffer), send the result; ends when the router
+    closes the connection or sends a stop frame."""
+    head, buf = bytearray(_PLAN.size), bytearray(1 << 12)
+    try:
+        while True:
+            _recv_into(sock, memoryview(head), -1)
+            (n,) = _PLAN.unpack(head)
+            if n == 0:
+                return
+            if n > len(buf):
+                buf = bytearray(n)
+            plan = memoryview(buf)[:n]
+            _recv_into(sock, plan, -1)
+            try:
+                meta, logits = step(plan)
+                status = 0
+            except Exception as e:     # noqa: BLE001 - reported to the router, which stops every worker
+                meta, logits, status = f"{type(e).__name__}: {e}".encode(), b"", 1
+            nbytes = memoryview(logits).nbytes     # a rank without rows sends none (its (0, V) array)
+            _send(sock, [_RESULT.pack(len(meta), nbytes, status), meta, logits])
+    except (ChannelError, OSError):
+        return
+    finally:
+        sock.close()
+
+
+# ---- router side ---------------------------------------------------------------------------------------------
+
+class RouterChannel:
+    """The router's end: listen, accept one connection per rank, broadcast plans, gather results."""
+
+    def __init__(self, host: str, world: int):
+        self.W, self.token = world, secrets.token_bytes(16)
+        self._listen = socket.create_server((host, 0))
+        self.address = (host, self._listen.getsockname()[1])
+        self.socks: list[socket.socket | None] = [None] * world
+        self._poll = select.poll()
+        self._rank_of: dict[int, int] = {}
+        self._head = bytearray(_RESULT.size)
+
+    def accept(self, timeout_s: float) -> None:
+        """Accept every rank's connection (they connect on their `attach` call);
+        connections without the token are dropped."""
+        deadline = time.monotonic() + timeout_s
+        while any(s is None for s in self.socks):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = [r for r, s in enumerate(self.socks) if s is None]
+                raise TimeoutError(f"EP workers {missing} did not open their control connection within "
+                                   f"{timeout_s:.0f} s")
+            self._listen.settimeout(left)
+            conn, _ = self._listen.accept()
+            conn.settimeout(min(left, 10.0))
+            try:
+                token, rank = _HELLO.unpack(conn.recv(_HELLO.size, socket.MSG_WAITALL))
+            except (OSError, struct.error):
+                conn.close()
+                continue
+            if token != self.token or not 0 <= rank < self.W or self.socks[rank] is not None:
+                conn.close()
+                continue
+            _nodelay(conn)
+            conn.settimeout(None)
+            self.socks[rank] = conn
+            self._rank_of[conn.fileno()] = rank
+            self._poll.register(conn, select.POLLIN)
+        self._listen.close()
+
+    def broadcast(self, plan: bytes) -> None:
+        frame = _PLAN.pack(len(plan)) + plan
+        for r, s in enumerate(self.socks):
+            try:
+                s.sendall(frame)
+            except OSError as e:
+                raise ChannelError(r, True, f"sending the plan failed: {e}") from None
+
+    def gather(self, logits: torch.Tensor, rows: list[int], timeout_s: float, poll_s: float,
+               on_poll: Callable[[], None]) -> list[bytearray]:
+        """Every rank's result bytes, in rank order, while its logits rows land
+        straight in `logits` (R, V), rank-major: rank r's `rows[r]` rows after
+        those of the ranks before it. on_poll runs whenever poll_s passes with
+        nothing new (a liveness check). Raises ChannelError for a closed
+        connection or a failed step, TimeoutError past timeout_s."""
+        flat = memoryview(logits.numpy()).cast("B")
+        row_bytes = logits.shape[1] * logits.element_size()
+        at = [0] * self.W
+        for r in range(1, self.W):
+            at[r] = at[r - 1] + rows[r - 1] * row_bytes
+        out: list = [None] * self.W
+        pending = self.W
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            events = self._poll.poll(1e3 * poll_s)
+            if not events:
+                on_poll()
+                if time.monotonic() > deadline:
+                    late = [r for r in range(self.W) if out[r] is None]
+                    raise TimeoutError(f"EP workers {late} of {self.W} did not answer within {timeout_s:.0f} s")
+                continue
+            for fd, _ in events:
+                r = self._rank_of[fd]
+                if out[r] is not None:     # a worker never speaks unasked: this is its connection closing
+                    raise ChannelError(r, True, "control connection closed")
+                out[r] = self._read(r, flat[at[r]:at[r] + rows[r] * row_bytes])
+                pending -= 1
+        return out
+
+    def _read(self, r: int, logits: memoryview) -> bytearray:
+        sock = self.socks[r]
+        _recv_into(sock, memoryview(self._head), r)
+        meta_n, logits_n, status = _RESULT.unpack(self._head)
+        meta = bytearray(meta_n)
+        _recv_into(sock, memoryview(meta), r)
+        if status:
+            raise ChannelError(r, False, meta.decode(errors="replace"))
+        if logits_n != logits.nbytes:
+            raise ChannelError(r, False, f"sent {logits_n} bytes of logits, expected {logits.nbytes}")
+        _recv_into(sock, logits, r)
+        return meta
+
+    def closed_ranks(self, wait_s: float) -> list[int]:
+        """Ranks whose connection reads end-of-file within wait_s (after a failure:
+        which worker is gone, as opposed to a survivor whose collective failed)."""
+        closed, poll = set(), select.poll()
+        for s in self.socks:
+            if s is not None:
+                poll.register(s, select.POLLIN)
+        deadline = time.monotonic() + wait_s
+        while (left := deadline - time.monotonic()) > 0:
+            events = poll.poll(1e3 * left)
+            for fd, ev in events:
+                r = self._rank_of[fd]
+                try:
+                    gone = self.socks[r].recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+                except BlockingIOError:
+                    gone = False
+                except OSError:
+                    gone = True
+                if gone:
+                    closed.add(r)
+                poll.unregister(fd)
+            if not events:
+                break
+        return sorted(closed)
+
+    def close(self) -> None:
+        for s in self.socks:
+            if s is not None:
+                try:
+                    s.close()
+                except OSError:
+                    pass
+        self.socks = [None] * self.W
+        try:
+            self._listen.close()
+        except OSError:
+            pass
+
+
+def start_thread(sock: socket.socket, step, rank: int) -> threading.Thread:
+    t = threading.Thread(target=serve, args=(sock, step), name=f"specmoe-ep-control-{rank}", daemon=True)
+    t.start()
+    return t
