@@ -58,13 +58,14 @@ class Decision:
     ctx: np.ndarray                 # cached tokens per scheduled entry
     breakeven: dict                 # req id -> tokens the request's drafts had to gain to pay
     lag: list                       # per entry: tokens the drafter had to catch up on first
+    learn: bool = True              # the step's timing and routing feed the cost model
 
 
 class Controller:
     def __init__(self, runner, proposer, k_max: int = 8, *, fallback_k: int = 4, mape_bound: float = 0.5,
                  margin: float = 0.01, max_backoff: int = 256, explore: float = 1.0, reuse_weight: float = 1.0,
-                 replan_every: int = 16, hedge: float = 1.0, profile: bool = True, profile_budget_s: float = 3.0,
-                 log=None):
+                 replan_every: int = 16, reuse_every: int = 4, hedge: float = 1.0, profile: bool = True,
+                 profile_budget_s: float = 3.0, log=None):
         if k_max < 1:
             raise ValueError(f"controller k_max must be >= 1, got {k_max}")
         self.k_max, self.fallback_k, self.mape_bound = k_max, fallback_k, mape_bound
@@ -92,6 +93,14 @@ class Controller:
         self.quiet = False
         self._quiet_steps = 0
         self.replan_every = replan_every
+        # Steady: the last full plans gave every request the same k; until the batch, a cap, a probe or a
+        # cool-down changes, or reuse_every steps pass, the plan is kept (and those steps teach nothing new).
+        self.reuse_every = reuse_every
+        self._last: tuple | None = None     # (auto ids, caps, k) of the last full plan
+        self._last_breakeven: dict = {}
+        self._steady = 0                    # consecutive full plans equal to their predecessor
+        self._since_full = 0
+        self.reused = 0
         self.start_backoff = 8      # first probe interval of a new request (learned from probes' outcomes)
         self.fallback = False
         self.k_chosen: Counter = Counter()
@@ -119,7 +128,15 @@ class Controller:
         lag = self._lag(sched)
         quiet_step = self.quiet and self._quiet_steps < self.replan_every and all(
             sched[i].req.id in self._state for i in auto)
-        if quiet_step:
+        reuse = (not quiet_step and not self.fallback and self._steady >= 2
+                 and self._since_full + 1 < self.reuse_every and self._reusable(sched, auto))
+        if reuse:
+            self._since_full += 1
+            self.reused += 1
+            for i, kk in zip(auto, self._last[2]):
+                k[i] = kk
+            breakeven = self._last_breakeven
+        elif quiet_step:
             # Nothing drafted at the last full plan and nothing learned since: only probes draft.
             self._quiet_steps += 1
             for i in auto:
@@ -136,6 +153,10 @@ class Controller:
                 k[i] = min(want, self.fallback_k, sched[i].k)
         elif auto:
             self._greedy(sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag)
+            last = (tuple(sched[i].req.id for i in auto), tuple(sched[i].k for i in auto),
+                    tuple(int(k[i]) for i in auto))
+            self._steady = self._steady + 1 if self._last is not None and last == self._last else 0
+            self._last, self._last_breakeven, self._since_full = last, breakeven, 0
         for i in auto:
             sched[i].k = int(k[i])
             self.k_chosen[int(k[i])] += 1
@@ -143,15 +164,29 @@ class Controller:
         for i, s in enumerate(sched):       # auto entries not decided here (prompt parts, no room) draft 0
             if i not in decided and is_auto(s):
                 s.k = 0
-        if not quiet_step:
+        if not quiet_step and not reuse:
             self.quiet = not self.fallback and bool(auto) and not any(k[i] for i in auto)
             self._quiet_steps = 0
             if self._ids_stats is not None:
                 self._ids_stats.keep_ids = not self.quiet     # per-token routing only matters while drafting
         plan_s = time.perf_counter() - t0
-        self._decision = Decision(ctx, breakeven, lag)
+        self._decision = Decision(ctx, breakeven, lag, learn=not reuse and not quiet_step)
         self.overhead_s += plan_s
         return plan_s
+
+    def _reusable(self, sched, auto) -> bool:
+        """The last full plan applies unchanged: same requests and caps, none probing or cooling down."""
+        ids, caps, _ = self._last
+        if len(auto) != len(ids):
+            return False
+        for i, rid, cap in zip(auto, ids, caps):
+            s = sched[i]
+            if s.req.id != rid or s.k != cap:
+                return False
+            st = self._state.get(rid)
+            if st is None or st.probe or st.cooldown or st.probed:
+                return False
+        return True
 
     def _greedy(self, sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag_all) -> None:
         """Rounds of: every request's best extension (tokens gained per second
@@ -273,8 +308,9 @@ class Controller:
         t0 = time.perf_counter()
         d = self._decision
         self._observed += 1
-        sample = not self.quiet or self._observed % 8 == 0      # quiet steps: 1 in 8 feeds the cost model
-        if d is not None and len(d.ctx) == len(q) and sample:
+        # Full plans feed the cost model; a kept plan's steps and quiet steps only 1 in 8.
+        sample = d is not None and (d.learn or self._observed % 8 == 0)
+        if sample and len(d.ctx) == len(q):
             x = self.cost.target_features(q, d.ctx)
             z = self.cost.draft_features(drafts, d.lag)
             predicted = self.cost.predict(x, z)          # the model's price of what actually ran
@@ -355,6 +391,8 @@ class Controller:
         chunks back to back with `lengths` tokens each."""
         if token_experts is None or len(req_ids) < 2 or self.reuse_weight <= 0:
             return          # overlap needs two requests in a step; one alone has nobody to share with
+        if self._decision is not None and not self._decision.learn:
+            return          # a kept plan: the masks of its last full plan's step serve until the next
         t0 = time.perf_counter()
         L, T, K = token_experts.shape
         E = self.cost.experts.E
@@ -398,6 +436,7 @@ class Controller:
             "controller_k_histogram": dict(self.k_chosen),
             "controller_cooldowns": self.cooldowns,
             "controller_probes": self.probes,
+            "controller_plans_kept": self.reused,
             "acceptance_curve": self.acceptance.global_curve.tolist(),
             "distinct_experts_beta": self.cost.experts.beta,
             "goodput_tokens_per_s": self.goodput,
