@@ -88,14 +88,15 @@ class Controller:
         if stats is not None and runner.config.moe is not None and reuse_weight > 0:
             stats.keep_ids = True
             self._ids_stats = stats
-        # Quiet: the last full plan drafted nothing; until a new request, a probe
-        # that is accepted or replan_every steps, steps skip the plan (and the drafter).
+        # Quiet: the last full plan drafted nothing; until a probe is accepted or
+        # replan_every steps pass, steps skip the plan (and the drafter).
         self.quiet = False
         self._quiet_steps = 0
         self.replan_every = replan_every
         # Steady: the last full plans gave every request the same k; until the batch, a cap, a probe or a
         # cool-down changes, or reuse_every steps pass, the plan is kept (and those steps teach nothing new).
         self.reuse_every = reuse_every
+        self.array_from = 8                 # requests from which the plan's search runs on arrays (cheaper)
         self._last: tuple | None = None     # (auto ids, caps, k) of the last full plan
         self._last_breakeven: dict = {}
         self._steady = 0                    # consecutive full plans equal to their predecessor
@@ -126,8 +127,8 @@ class Controller:
         k = np.zeros(len(sched))
         breakeven: dict[int, float] = {}
         lag = self._lag(sched)
-        quiet_step = self.quiet and self._quiet_steps < self.replan_every and all(
-            sched[i].req.id in self._state for i in auto)
+        # (A request arriving while quiet starts on the probe schedule its predecessors reached.)
+        quiet_step = self.quiet and self._quiet_steps < self.replan_every
         reuse = (not quiet_step and not self.fallback and self._steady >= 2
                  and self._since_full + 1 < self.reuse_every and self._reusable(sched, auto))
         if reuse:
@@ -140,7 +141,7 @@ class Controller:
             # Nothing drafted at the last full plan and nothing learned since: only probes draft.
             self._quiet_steps += 1
             for i in auto:
-                st = self._state[sched[i].req.id]
+                st = self._new_state(sched[i].req.id)
                 k[i] = 1 if st.probe and not st.cooldown else 0
         elif self.fallback:
             # Timing-free rule: draft while the next draft is expected accepted with
@@ -254,7 +255,7 @@ class Controller:
             agg = (n + dk, neff_, attn_, drafting + first, dtok + dk, max(depth, kp), lag + (lags[j] if first else 0))
             return cum[j][kp] - cum[j][kk[j]], price(*agg) - T, agg
 
-        while True:
+        def search_scalar():
             cands = []
             for j in range(len(ids)):
                 best, best_kp = 0.0, 0
@@ -266,6 +267,40 @@ class Controller:
                             best, best_kp = r, kp
                 if best_kp:
                     cands.append((best, j, best_kp))
+            return cands
+
+        if len(ids) >= self.array_from:     # the same search over (request, depth) arrays
+            B, KP = len(ids), np.arange(1, self.k_max + 1)
+            cum_a, base_a, ctx_a = np.array(cum), np.array(base), np.array(ctxs)
+            keep_a, lags_a, caps_a, rows_a = 1.0 - np.array(reuse), np.array(lags, dtype=float), np.array(caps), \
+                np.arange(B)
+
+            def search():
+                kk_a = np.array(kk)
+                dk = KP[None, :] - kk_a[:, None]
+                valid = (dk > 0) & (KP[None, :] <= caps_a[:, None])
+                if not valid.any():
+                    return []
+                dk = np.maximum(dk, 0)
+                b = base_a + kk_a
+                neff_ = neff + ((b[:, None] + dk) ** beta - (b ** beta)[:, None]) * keep_a[:, None]
+                attn_ = attn + (dk * (ctx_a + b)[:, None] + dk * (dk + 1) / 2) / 1000.0
+                first = kk_a == 0
+                # every candidate drafts, so the drafter's terms always apply
+                t = (fixed_t + c_tok * (n + dk) + exp_scale * (1.0 - miss ** neff_) + c_attn * attn_
+                     + d_any + d_seq * (drafting + first)[:, None] + d_tok * (dtok + dk)
+                     + d_depth * np.maximum(depth, KP)[None, :] + d_lag * (lag + lags_a * first)[:, None])
+                dT = t - T
+                dv = cum_a[:, 1:] - cum_a[rows_a, kk_a][:, None]
+                ok = valid & (dv > max(V / T, g_ref) * np.maximum(dT, 0.0) * margin)
+                r = np.where(ok, dv / np.maximum(dT, 1e-12), -np.inf)
+                bj = r.argmax(axis=1)
+                br = r[rows_a, bj]
+                return [(float(br[j]), int(j), int(bj[j]) + 1) for j in np.nonzero(br > 0)[0]]
+        else:
+            search = search_scalar
+        while True:
+            cands = search()
             if not cands:
                 break
             taken = 0

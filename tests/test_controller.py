@@ -222,6 +222,34 @@ def test_plan_drafts_deeper_where_experts_are_reused(runner):
     assert len({e.k for e in s}) == 1
 
 
+def test_array_search_plans_like_the_scalar_one(runner):
+    """From 8 requests the plan searches extensions on arrays; on random costs,
+    acceptances, caps and contexts it must choose exactly what the scalar search does."""
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        B = int(rng.integers(8, 24))
+        c = np.array([5e-3, 1e-3, 6e-4, 1.5e-4, 8e-4, 0]) * rng.uniform(0.1, 3, 6)
+        d = rng.uniform(0, 3e-4, 5)
+        arr, sca = _controller(runner, c, d), _controller(runner, c, d)
+        sca.array_from = 10 ** 9
+        ids = list(range(B))
+        for _ in range(30):
+            draws = [int(min(8, rng.geometric(1 - rng.uniform(0.1, 0.95)) - 1)) for _ in ids]
+            for ctl in (arr, sca):
+                ctl.acceptance.observe(ids, [8] * B, draws)
+        arr.goodput = sca.goodput = float(rng.uniform(0, 500))
+        caps, ctxs = rng.integers(0, 9, B).tolist(), rng.integers(10, 120, B).tolist()
+        plans = []
+        for ctl in (arr, sca):
+            s = [Scheduled(Request(i, i, list(range(ctxs[i] + 1)), SP(), caps[i], None, auto=True), 1, caps[i], False)
+                 for i in ids]
+            for e, n in zip(s, ctxs):
+                e.req.num_cached = n
+            ctl.plan(s, lambda e: True)
+            plans.append([e.k for e in s])
+        assert plans[0] == plans[1]
+
+
 def test_fallback_to_static_k_when_the_model_is_wrong(runner):
     ctl = _controller(runner, [1e-3, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0], acceptance=0.0)
     for step in range(20):
