@@ -161,18 +161,15 @@ class RouterChannel:
             except OSError as e:
                 raise ChannelError(r, True, f"sending the plan failed: {e}") from None
 
-    def gather(self, logits: torch.Tensor, rows: list[int], timeout_s: float, poll_s: float,
+    def gather(self, logits: torch.Tensor, spans: list[list[tuple[int, int]]], timeout_s: float, poll_s: float,
                on_poll: Callable[[], None]) -> list[bytearray]:
         """Every rank's result bytes, in rank order, while its logits rows land
-        straight in `logits` (R, V), rank-major: rank r's `rows[r]` rows after
-        those of the ranks before it. on_poll runs whenever poll_s passes with
-        nothing new (a liveness check). Raises ChannelError for a closed
-        connection or a failed step, TimeoutError past timeout_s."""
+        straight in their rows of `logits` (R, V): rank r sends its rows in the
+        order of spans[r], each (first row, rows). on_poll runs whenever poll_s
+        passes with nothing new (a liveness check). Raises ChannelError for a
+        closed connection or a failed step, TimeoutError past timeout_s."""
         flat = memoryview(logits.numpy()).cast("B")
-        row_bytes = logits.shape[1] * logits.element_size()
-        at = [0] * self.W
-        for r in range(1, self.W):
-            at[r] = at[r - 1] + rows[r - 1] * row_bytes
+        row = logits.shape[1] * logits.element_size()
         out: list = [None] * self.W
         pending = self.W
         deadline = time.monotonic() + timeout_s
@@ -188,11 +185,11 @@ class RouterChannel:
                 r = self._rank_of[fd]
                 if out[r] is not None:     # a worker never speaks unasked: this is its connection closing
                     raise ChannelError(r, True, "control connection closed")
-                out[r] = self._read(r, flat[at[r]:at[r] + rows[r] * row_bytes])
+                out[r] = self._read(r, [flat[a * row:(a + n) * row] for a, n in spans[r]])
                 pending -= 1
         return out
 
-    def _read(self, r: int, logits: memoryview) -> bytearray:
+    def _read(self, r: int, rows: list[memoryview]) -> bytearray:
         sock = self.socks[r]
         _recv_into(sock, memoryview(self._head), r)
         meta_n, logits_n, status = _RESULT.unpack(self._head)
@@ -200,9 +197,11 @@ class RouterChannel:
         _recv_into(sock, memoryview(meta), r)
         if status:
             raise ChannelError(r, False, meta.decode(errors="replace"))
-        if logits_n != logits.nbytes:
-            raise ChannelError(r, False, f"sent {logits_n} bytes of logits, expected {logits.nbytes}")
-        _recv_into(sock, logits, r)
+        want = sum(v.nbytes for v in rows)
+        if logits_n != want:
+            raise ChannelError(r, False, f"sent {logits_n} bytes of logits, expected {want}")
+        for view in rows:
+            _recv_into(sock, view, r)
         return meta
 
     def closed_ranks(self, wait_s: float) -> list[int]:

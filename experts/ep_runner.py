@@ -141,9 +141,12 @@ class EPRunner:
             self.placement = contiguous(E, ep)
         print(f"specmoe EP={ep}: {self.placement.describe()}", flush=True)
         self._held = [self.placement.experts_of(r) for r in range(ep)]
+        # a rank holding experts a, a+1, ..., b: its first expert (its counts go in one slice per layer)
+        self._held_from = [h[0] if h == list(range(h[0], h[0] + len(h))) else None for h in self._held]
         cuda = device.startswith("cuda")
         local_device = torch.device(device) if not cuda or torch.cuda.is_available() else torch.device("cpu")
         self.model = _ModelInfo(c, local_device, DTYPES[dtype], max_seq_len)
+        self._remote_device = local_device.type != "cpu"      # logits arrive on the host
         self.W, self.step_timeout_s, self.poll_s = ep, step_timeout_s, poll_s
         self.cache = EPSlots(max_seqs, max_seq_len, ep)
         self._caches = {0: self.cache}
@@ -408,7 +411,7 @@ class EPRunner:
             for c, n in zip(chunks, num_logits):
                 if not 1 <= n <= len(c.tokens):
                     raise ValueError(f"num_logits {n} outside 1..{len(c.tokens)} for a chunk of {len(c.tokens)}")
-        rows, order = self._layout(chunks, num_logits, all_logits)
+        spans, num_rows = self._layout(chunks, num_logits, all_logits)
         self._step += 1
         plan = _encode.encode(StepPlan(self._step, [ChunkMsg(c.slot, c.start, c.tokens) for c in chunks],
                                        num_logits, all_logits, cache.id, layer_ids, routing))
@@ -421,8 +424,8 @@ class EPRunner:
                 self._channel.broadcast(plan)
             except ChannelError as e:
                 self._fail(f"EP worker rank {e.rank} of {self.W} died before {what}: {e}")
-            flat = torch.empty(sum(rows), V)
-            raw = self._gather_channel(flat, rows, what, self.step_timeout_s)
+            logits = torch.empty(num_rows, V)
+            raw = self._gather_channel(logits, spans, what, self.step_timeout_s)
         elif self._dag is not None:
             raw = self._gather_compiled(self._dag.execute(plan), what, self.step_timeout_s)
         else:
@@ -430,49 +433,64 @@ class EPRunner:
         t2 = time.perf_counter()
         res = [_decode_result.decode(b) for b in raw]
         if self._channel is None:
-            flat = torch.cat([torch.frombuffer(r.logits, dtype=torch.float32) for r in res if r.rows]).view(-1, V)
-        logits = flat if order is None else flat.index_select(0, order)
-        out = StepOutput(logits=logits.to(self.model.device), routing=self._routing(res) if routing else None)
+            logits = self._place([torch.frombuffer(r.logits, dtype=torch.float32).view(-1, V) if r.rows else None
+                                  for r in res], spans, num_rows)
+        if self._remote_device:
+            logits = logits.to(self.model.device)
+        out = StepOutput(logits=logits, routing=self._routing(res) if routing else None)
         t4 = time.perf_counter()
         out.extra.update(self._measurements(res, t4 - t0, (t1 - t0) + (t4 - t2), t2 - t1))
         return out
 
-    def _layout(self, chunks, num_logits, all_logits) -> tuple[list[int], torch.Tensor | None]:
-        """Logits rows per rank, and where each output row (chunks in plan order,
-        each chunk's rows) sits in the rank-major rows the workers send back
-        (None: already in order)."""
+    def _layout(self, chunks, num_logits, all_logits) -> tuple[list[list[tuple[int, int]]], int]:
+        """Where each rank's logits rows go: per rank, (first output row, rows)
+        spans in the order the rank sends them (its chunks in plan order),
+        adjacent spans merged; and the number of output rows."""
         W = self.W
-        rows, spans = [0] * W, []
+        spans: list[list[tuple[int, int]]] = [[] for _ in range(W)]
+        row = 0
         for i, c in enumerate(chunks):
-            r = c.slot % W
             n = len(c.tokens) if all_logits else (num_logits[i] if num_logits is not None else 1)
-            spans.append((r, rows[r], n))
-            rows[r] += n
-        if W == 1:
-            return rows, None
-        start = [0] * W
-        for r in range(1, W):
-            start[r] = start[r - 1] + rows[r - 1]
-        order = [start[r] + at + j for r, at, n in spans for j in range(n)]
-        if order == list(range(len(order))):
-            return rows, None
-        return rows, torch.tensor(order)
+            mine = spans[c.slot % W]
+            if mine and mine[-1][0] + mine[-1][1] == row:
+                mine[-1] = (mine[-1][0], mine[-1][1] + n)
+            else:
+                mine.append((row, n))
+            row += n
+        return spans, row
+
+    @staticmethod
+    def _place(blocks: list[torch.Tensor | None], spans, num_rows: int) -> torch.Tensor:
+        """The output rows from each rank's block (its rows, in its spans' order)."""
+        if len(blocks) == 1:
+            return blocks[0]
+        out = torch.empty(num_rows, next(b for b in blocks if b is not None).shape[1])
+        for block, mine in zip(blocks, spans):
+            at = 0
+            for row, n in mine:
+                out[row:row + n] = block[at:at + n]
+                at += n
+        return out
 
     def _routing(self, res: list[StepResult]) -> RoutingSnapshot:
         """Global tokens per expert: each expert's rows were counted by its owner."""
-        rows = [[0] * self.placement.num_experts for _ in range(self.config.num_layers)]
+        E = self.placement.num_experts
+        flat = [0] * (self.config.num_layers * E)
         for r in res:
-            held = self._held[r.rank]
-            for row, counts in zip(rows, r.tokens_per_expert):
-                for e, n in zip(held, counts):
-                    row[e] = n
-        return RoutingSnapshot(tokens_per_expert=torch.tensor(rows, dtype=torch.int64),
-                               distinct_experts=[sum(1 for n in row if n) for row in rows])
+            held, first = self._held[r.rank], self._held_from[r.rank]
+            for base, counts in zip(range(0, len(flat), E), r.tokens_per_expert):
+                if first is not None:            # contiguous placement: one slice per layer
+                    flat[base + first:base + first + len(counts)] = counts
+                else:
+                    for e, n in zip(held, counts):
+                        flat[base + e] = n
+        return RoutingSnapshot(tokens_per_expert=torch.tensor(flat, dtype=torch.int64).view(-1, E),
+                               distinct_experts=[E - flat[b:b + E].count(0) for b in range(0, len(flat), E)])
 
     def _measurements(self, res: list[StepResult], total_s: float, router_s: float, wait_s: float) -> dict:
         """Per rank (lists in rank order) and per MoE layer ([rank][layer])."""
         t = time.perf_counter()
-        distinct = [[sum(1 for n in layer if n) for layer in r.tokens_per_expert] for r in res]
+        distinct = [[len(layer) - layer.count(0) for layer in r.tokens_per_expert] for r in res]
         slowest = max(r.forward_s for r in res)
         out = {
             "ep": self.W,

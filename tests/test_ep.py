@@ -53,9 +53,12 @@ def test_balanced_placement_evens_out_measured_load():
 
 # ---- the socket control plane (no Ray) ------------------------------------------------------------------------
 
+SPANS = [[(1, 1)], [(0, 1), (2, 1)]]      # rank 0's row goes to row 1, rank 1's to rows 0 and 2
+
+
 def _channel_pair():
     """A router channel and two "workers" serving on threads: rank r answers a
-    plan with (plan + its rank, rows of value r + column), rank 1 raises on
+    plan with (plan + its rank, r + 1 rows of value r + column + 10 row), rank 1 raises on
     b"boom"; a stranger without the token connects first and is refused."""
     import socket
 
@@ -68,7 +71,7 @@ def _channel_pair():
         def step(plan):
             if bytes(plan) == b"boom" and rank == 1:
                 raise ValueError("bad plan")
-            rows = torch.full((rank + 1, 3), float(rank)) + torch.arange(3.0)
+            rows = rank + torch.arange(3.0) + 10 * torch.arange(rank + 1.0)[:, None]
             return bytes(plan) + bytes([rank]), rows.numpy()
         return step
     socks = {r: ch.connect(*router.address, router.token, r, 5.0) for r in (1, 0)}
@@ -80,8 +83,9 @@ def _channel_pair():
 
 
 def test_control_channel_frames_logits_into_place_and_reports_failures():
-    """Rows land rank-major in the router's tensor; a step that raises comes
-    back as that rank's failure, a closed connection as its death."""
+    """Rows land in their places in the router's tensor (rank 1's rows around
+    rank 0's); a step that raises comes back as that rank's failure, a closed
+    connection as its death."""
     import socket
 
     from specmoe.experts.ep_channel import ChannelError
@@ -90,12 +94,12 @@ def test_control_channel_frames_logits_into_place_and_reports_failures():
         for _ in range(2):
             router.broadcast(b"go")
             logits = torch.empty(3, 3)
-            got = router.gather(logits, [1, 2], 5.0, 0.05, lambda: None)
+            got = router.gather(logits, SPANS, 5.0, 0.05, lambda: None)
             assert [bytes(m) for m in got] == [b"go\x00", b"go\x01"]
-            assert torch.equal(logits, torch.tensor([[0.0, 1, 2], [1, 2, 3], [1, 2, 3]]))
+            assert torch.equal(logits, torch.tensor([[1.0, 2, 3], [0, 1, 2], [11, 12, 13]]))
         router.broadcast(b"boom")
         with pytest.raises(ChannelError, match="ValueError: bad plan") as err:
-            router.gather(torch.empty(3, 3), [1, 2], 5.0, 0.05, lambda: None)
+            router.gather(torch.empty(3, 3), SPANS, 5.0, 0.05, lambda: None)
         assert err.value.rank == 1 and not err.value.closed
     finally:
         router.close()
@@ -104,7 +108,7 @@ def test_control_channel_frames_logits_into_place_and_reports_failures():
         socks[0].shutdown(socket.SHUT_RDWR)          # rank 0's process "dies"
         router.broadcast(b"go")
         with pytest.raises(ChannelError) as err:
-            router.gather(torch.empty(3, 3), [1, 2], 5.0, 0.05, lambda: None)
+            router.gather(torch.empty(3, 3), SPANS, 5.0, 0.05, lambda: None)
         assert err.value.rank == 0 and err.value.closed
         assert router.closed_ranks(0.5) == [0]
     finally:
