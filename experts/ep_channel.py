@@ -18,15 +18,19 @@ Frames (little-endian):
   router receives straight into a tensor.
 
 Ray still starts, places and kills the workers and carries every other call;
-the connection is made once, after the process group, from worker to router
-(the router listens on its own node's address, port 0, and accepts only
-connections that present the token it handed out through Ray).
+the connection is made once, after the process group, from worker to router:
+the router listens on its own node's address, port 0, and on an abstract Unix
+socket (Linux), a worker on the router's node takes the Unix socket, any other
+TCP, and the router accepts only connections that present the token it handed
+out through Ray.
 """
 
+import os
 import secrets
 import select
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -70,14 +74,29 @@ def _send(sock: socket.socket, buffers: list) -> None:
 
 
 def _nodelay(sock: socket.socket) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if sock.family != socket.AF_UNIX:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 # ---- worker side ---------------------------------------------------------------------------------------------
 
-def connect(host: str, port: int, token: bytes, rank: int, timeout_s: float) -> socket.socket:
-    sock = socket.create_connection((host, port), timeout=timeout_s)
-    _nodelay(sock)
+def connect(address: tuple, token: bytes, rank: int, timeout_s: float, same_node: bool) -> socket.socket:
+    """The worker's connection to `RouterChannel.address`: over the Unix socket
+    when on the router's node (a third of TCP's time per 2 MiB of logits on the
+    2-core box, and less per small frame), else over TCP."""
+    host, port, unix = address
+    sock = None
+    if same_node and unix is not None:
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout_s)
+            sock.connect(unix)
+        except OSError:          # another network namespace after all: TCP
+            sock.close()
+            sock = None
+    if sock is None:
+        sock = socket.create_connection((host, port), timeout=timeout_s)
+        _nodelay(sock)
     sock.settimeout(None)
     sock.sendall(_HELLO.pack(token, rank))
     return sock
@@ -118,8 +137,14 @@ class RouterChannel:
 
     def __init__(self, host: str, world: int):
         self.W, self.token = world, secrets.token_bytes(16)
-        self._listen = socket.create_server((host, 0))
-        self.address = (host, self._listen.getsockname()[1])
+        self._listen = [socket.create_server((host, 0))]
+        unix = None
+        if sys.platform.startswith("linux"):      # abstract namespace: no file to clean up
+            unix = f"\0specmoe-ep-{os.getpid()}-{secrets.token_hex(8)}"
+            self._listen.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            self._listen[1].bind(unix)
+            self._listen[1].listen()
+        self.address = (host, self._listen[0].getsockname()[1], unix)     # (TCP host, port, Unix name)
         self.socks: list[socket.socket | None] = [None] * world
         self._poll = select.poll()
         self._rank_of: dict[int, int] = {}
@@ -135,8 +160,10 @@ class RouterChannel:
                 missing = [r for r, s in enumerate(self.socks) if s is None]
                 raise TimeoutError(f"EP workers {missing} did not open their control connection within "
                                    f"{timeout_s:.0f} s")
-            self._listen.settimeout(left)
-            conn, _ = self._listen.accept()
+            ready, _, _ = select.select(self._listen, [], [], left)
+            if not ready:
+                continue
+            conn, _ = ready[0].accept()
             conn.settimeout(min(left, 10.0))
             try:
                 token, rank = _HELLO.unpack(conn.recv(_HELLO.size, socket.MSG_WAITALL))
@@ -151,7 +178,8 @@ class RouterChannel:
             self.socks[rank] = conn
             self._rank_of[conn.fileno()] = rank
             self._poll.register(conn, select.POLLIN)
-        self._listen.close()
+        for s in self._listen:
+            s.close()
 
     def broadcast(self, plan: bytes) -> None:
         frame = _PLAN.pack(len(plan)) + plan
@@ -237,10 +265,11 @@ class RouterChannel:
                 except OSError:
                     pass
         self.socks = [None] * self.W
-        try:
-            self._listen.close()
-        except OSError:
-            pass
+        for s in self._listen:
+            try:
+                s.close()
+            except OSError:
+                pass
 
 
 def start_thread(sock: socket.socket, step, rank: int) -> threading.Thread:

@@ -154,6 +154,7 @@ class EPRunner:
         self._step = 0
         self._error: str | None = None
         self.workers, self.pg, self._dag, self._channel, self._pings = [], None, None, None, None
+        self.links: list[str] = []        # socket control: "unix" or "tcp" per rank
 
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
@@ -187,8 +188,9 @@ class EPRunner:
                                             f"process group at {host}:{port}", startup_timeout_s)
             if control == "socket":
                 self._channel = RouterChannel(ray.util.get_node_ip_address(), ep)
-                self._gather([w.attach.remote(*self._channel.address, self._channel.token) for w in self.workers],
-                             "control connection", startup_timeout_s)
+                me = ray.get_runtime_context().get_node_id()
+                self.links = self._gather([w.attach.remote(self._channel.address, self._channel.token, me)
+                                           for w in self.workers], "control connection", startup_timeout_s)
                 self._channel.accept(startup_timeout_s)
         except BaseException:
             self.close()

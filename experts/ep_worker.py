@@ -18,6 +18,7 @@ Slots: global slot s lives on rank s % W, at local slot s // W.
 """
 
 import os
+import socket
 import time
 from datetime import timedelta
 
@@ -139,12 +140,18 @@ class EPWorker:
         self.caches[cache_id] = self.runner.new_cache(-(-num_slots // self.W), capacity, num_layers)
         return cache_id
 
-    def attach(self, host: str, port: int, token: bytes) -> None:
-        """Open the socket control connection to the router and serve steps on
-        it from a thread of this process (experts/ep_channel.py); the actor's
-        own thread stays free for Ray calls (new_cache, liveness pings)."""
+    def attach(self, address: tuple, token: bytes, router_node: str) -> str:
+        """Open the socket control connection to the router (Unix socket on the
+        router's node, else TCP) and serve steps on it from a thread of this
+        process (experts/ep_channel.py); the actor's own thread stays free for
+        Ray calls (new_cache, liveness pings). Returns the socket family used."""
+        import ray
+
         from .ep_channel import connect, start_thread
-        start_thread(connect(host, port, token, self.rank, 30.0), self._step_parts, self.rank)
+        same = ray.get_runtime_context().get_node_id() == router_node
+        sock = connect(address, token, self.rank, 30.0, same)
+        start_thread(sock, self._step_parts, self.rank)
+        return "unix" if sock.family == socket.AF_UNIX else "tcp"
 
     def ping(self) -> int:
         return self.rank

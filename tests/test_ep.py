@@ -57,14 +57,15 @@ SPANS = [[(1, 1)], [(0, 1), (2, 1)]]      # rank 0's row goes to row 1, rank 1's
 
 
 def _channel_pair():
-    """A router channel and two "workers" serving on threads: rank r answers a
+    """A router channel and two "workers" serving on threads (rank 0 over the
+    Unix socket, rank 1 over TCP): rank r answers a
     plan with (plan + its rank, r + 1 rows of value r + column + 10 row), rank 1 raises on
     b"boom"; a stranger without the token connects first and is refused."""
     import socket
 
     from specmoe.experts import ep_channel as ch
     router = ch.RouterChannel("127.0.0.1", 2)
-    stranger = socket.create_connection(router.address)
+    stranger = socket.create_connection(router.address[:2])
     stranger.sendall(b"x" * 20)
 
     def step_of(rank):
@@ -74,7 +75,8 @@ def _channel_pair():
             rows = rank + torch.arange(3.0) + 10 * torch.arange(rank + 1.0)[:, None]
             return bytes(plan) + bytes([rank]), rows.numpy()
         return step
-    socks = {r: ch.connect(*router.address, router.token, r, 5.0) for r in (1, 0)}
+    socks = {r: ch.connect(router.address, router.token, r, 5.0, same_node=r == 0) for r in (1, 0)}
+    assert socks[0].family == socket.AF_UNIX and socks[1].family == socket.AF_INET
     for r, sock in socks.items():
         ch.start_thread(sock, step_of(r), r)
     router.accept(5.0)
@@ -106,8 +108,8 @@ def test_control_channel_frames_logits_into_place_and_reports_failures():
     router, socks = _channel_pair()
     try:
         socks[0].shutdown(socket.SHUT_RDWR)          # rank 0's process "dies"
-        router.broadcast(b"go")
-        with pytest.raises(ChannelError) as err:
+        with pytest.raises(ChannelError) as err:     # sending to it (Unix socket) or reading from it (TCP)
+            router.broadcast(b"go")
             router.gather(torch.empty(3, 3), SPANS, 5.0, 0.05, lambda: None)
         assert err.value.rank == 0 and err.value.closed
         assert router.closed_ranks(0.5) == [0]
@@ -372,6 +374,7 @@ def test_two_nodes_spread_with_balanced_placement_give_the_same_output(ray_clust
                                       expert_load=per_expert)
     try:
         assert len({node_id for node_id, _, _ in runner.nodes}) == 2, runner.nodes
+        assert sorted(runner.links) == ["tcp", "unix"]        # the worker off the router's node: TCP
         assert runner.placement != contiguous(8, 2)
         outs = Engine(runner, speculation={"method": "ngram", "k": 3}).generate(
             PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
