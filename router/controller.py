@@ -109,7 +109,8 @@ class Controller:
         self.step_s = 0.0           # the steps' own time, summed (for the overhead fraction)
         self.cooldowns = 0
         self.probes = 0
-        self.goodput = 0.0          # committed tokens per second of recent steps (EWMA)
+        self.goodput = 0.0          # committed tokens per second of recent steps (EWMAs of tokens and seconds)
+        self._g_tok = self._g_s = 0.0
         self._observed = 0
 
     # ---- planning --------------------------------------------------------------------------------------------
@@ -397,8 +398,13 @@ class Controller:
             elif self.fallback and mape < self.mape_bound / 1.5:
                 self.fallback = False
         if step_s > 0 and results:
-            g = sum(r[2] + 1 for r in results) / step_s
-            self.goodput = g if self.goodput == 0.0 else 0.9 * self.goodput + 0.1 * g
+            # A ratio of averages: the average of per-step ratios would be biased upward by noisy step times.
+            tok = sum(r[2] + 1 for r in results)
+            if self._g_tok == 0.0:
+                self._g_tok, self._g_s = tok, step_s
+            else:
+                self._g_tok, self._g_s = 0.9 * self._g_tok + 0.1 * tok, 0.9 * self._g_s + 0.1 * step_s
+            self.goodput = self._g_tok / self._g_s
         self.step_s += step_s
         self.overhead_s += time.perf_counter() - t0
 

@@ -345,14 +345,18 @@ class CostModel:
             self.d = self._fit(self._z, self._profile_z, self._prior_d, self.d)
 
     def _fit(self, window, anchors, prior, current):
-        """NNLS, then again without the steps it fits worst beyond 3 median
-        absolute deviations (a step stretched by another process on the machine
-        says nothing about the plan's price)."""
+        """NNLS on relative errors (each step weighted by 1 / its time: other load
+        on the machine stretches a step by a factor), then again without the
+        steps it fits worst beyond 3 median absolute deviations (a step stretched
+        by another process says nothing about the plan's price)."""
         pts = list(window) + list(anchors)
         if len(pts) < 4:
             return current
         A = np.array([p[0] for p in pts])
         b = np.array([p[1] for p in pts])
+        # Relative errors: a step's time is off by a factor (other load), so each step is weighted by 1/time.
+        w = 1.0 / np.maximum(b, 1e-6)
+        A, b = A * w[:, None], b * w
         for _ in range(2):
             AA, bb = A, b
             if prior is not None:
