@@ -36,6 +36,8 @@ class BatchMeta:
     mask: torch.Tensor | None        # (B, 1, Q, L) bool, True = may attend; None when every key is visible
     last_index: torch.Tensor         # (B,) flat index of each chunk's last token
     q_lens: tuple[int, ...]
+    pos_range: tuple[int, int] | None = None   # (first, end) when positions are one contiguous run
+                                               # (a single chunk): rotary tables are sliced, not gathered
 
     @staticmethod
     def build(chunks: list[Chunk], capacity: int, device: torch.device, sliding_window: int = 0) -> "BatchMeta":
@@ -44,6 +46,8 @@ class BatchMeta:
         q_lens = [len(c.tokens) for c in chunks]
         if min(q_lens) == 0:
             raise ValueError("every chunk needs at least one token")
+        if len(chunks) == 1:
+            return BatchMeta._build_one(chunks[0], q_lens[0], capacity, device, sliding_window)
         B, Q = len(chunks), max(q_lens)
         ends = [c.start + n for c, n in zip(chunks, q_lens)]
         L = max(ends)
@@ -77,6 +81,26 @@ class BatchMeta:
             pad_index=None if uniform else torch.tensor(pad, device=device),
             slots=None if contiguous else torch.tensor(slot_list, device=device),
             slot0=slot_list[0], mask=mask, last_index=last, q_lens=tuple(q_lens))
+
+    @staticmethod
+    def _build_one(c: Chunk, n: int, capacity: int, device: torch.device, sliding_window: int) -> "BatchMeta":
+        """`build` for one chunk (batch-1 decode, verification, drafting): the
+        same tensors from a few range ops instead of Python lists."""
+        L = c.start + n
+        if L > capacity:
+            raise ValueError(f"sequence of {L} tokens exceeds the cache capacity of {capacity} per slot")
+        positions = torch.arange(c.start, L, device=device)                           # (T,)
+        mask = None
+        if n > 1 or sliding_window:
+            kpos = torch.arange(L, device=device)
+            mask = kpos[None, :] <= positions[:, None]                                 # (Q, L)
+            if sliding_window:
+                mask &= kpos[None, :] > positions[:, None] - sliding_window
+            mask = mask[None, None]                                                    # (1, 1, Q, L)
+        return BatchMeta(
+            num_seqs=1, q_max=n, ctx_max=L, positions=positions,
+            write_index=positions + c.slot * capacity, pad_index=None, slots=None, slot0=c.slot, mask=mask,
+            last_index=torch.tensor([n - 1], device=device), q_lens=(n,), pos_range=(c.start, L))
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(T, ...) -> (B, Q, ...), zeros in the padding."""

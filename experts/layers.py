@@ -16,7 +16,7 @@ from ..kernels import routing
 from ..kernels.attention import attend, mla_attend
 from ..kernels.moe import grouped_mm_available, grouped_swiglu, grouped_swiglu_mm, swiglu
 from ..kernels.norms import rms_norm
-from ..kernels.rotary import apply_rope, apply_rope_interleaved
+from ..kernels.rotary import apply_rope_full, apply_rope_interleaved
 from .batch import BatchMeta
 from .config import ModelConfig
 from .dispatch import Dispatcher, LocalDispatcher
@@ -40,7 +40,7 @@ class Attention(nn.Module):
         self.scale = d ** -0.5
         self.clip = c.clip_qkv
         self.qk_norm = c.qk_norm
-        self.rope = apply_rope_interleaved if c.rope.interleaved else apply_rope
+        self.rope = apply_rope_interleaved if c.rope.interleaved else apply_rope_full
         self.qkv = _param((H + 2 * G) * d, D, dtype=dtype, device=device)
         self.qkv_bias = _param((H + 2 * G) * d, dtype=dtype, device=device) if c.qkv_bias else None
         self.o = _param(D, H * d, dtype=dtype, device=device)
@@ -85,7 +85,7 @@ class MLAttention(nn.Module):
         super().__init__()
         a, H, D = c.mla, c.num_heads, c.hidden_size
         self.a, self.H, self.eps, self.scale = a, H, c.rms_norm_eps, softmax_scale
-        self.rope = apply_rope_interleaved if c.rope.interleaved else apply_rope
+        self.rope = apply_rope_interleaved if c.rope.interleaved else apply_rope_full
         qk = a.qk_nope_head_dim + a.qk_rope_head_dim
         if a.q_lora_rank:
             self.q_a = _param(a.q_lora_rank, D, dtype=dtype, device=device)

@@ -65,7 +65,9 @@ class DecoderLayer(nn.Module):
         self.ffn = self.moe.forward if c.is_moe_layer(i) else self.mlp.forward
 
     def forward(self, x, meta, cos, sin, cache):
-        x = x + self.attn(rms_norm(x, self.input_norm, self.eps), meta, cos, sin, cache)
+        # .forward, not __call__: no hooks are registered on these modules, and at
+        # batch 1 the per-call hook bookkeeping is a measurable share of a layer.
+        x = x + self.attn.forward(rms_norm(x, self.input_norm, self.eps), meta, cos, sin, cache)
         return x + self.ffn(rms_norm(x, self.post_norm, self.eps))
 
 
@@ -91,6 +93,8 @@ class CausalLM(nn.Module):
         self.lm_head = self.embed if c.tie_word_embeddings else _param(c.vocab_size, c.hidden_size,
                                                                        dtype=dtype, device=device)
         cos, sin = rope_tables(c, max_positions)
+        if not c.rope.interleaved:   # the layers rotate half-split pairs with full-width tables
+            cos, sin = rotary.full_width_tables(cos, sin)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
@@ -112,11 +116,16 @@ class CausalLM(nn.Module):
         if len(cache.layers) != len(layers):
             raise ValueError(f"cache has {len(cache.layers)} layers for {len(layers)} model layers")
         x = F.embedding(input_ids, self.embed)
-        # (T, 1, R/2) in the model dtype, broadcast over heads by every layer.
-        cos = self.rope_cos[meta.positions, None].to(self.dtype)
-        sin = self.rope_sin[meta.positions, None].to(self.dtype)
+        # (T, 1, R/2), or (T, 1, R) full-width (half-split layout), in the model dtype,
+        # broadcast over heads by every layer.
+        if meta.pos_range is not None:   # one contiguous run: a view, no gather
+            cos, sin = (t[meta.pos_range[0]:meta.pos_range[1], None].to(self.dtype)
+                        for t in (self.rope_cos, self.rope_sin))
+        else:
+            cos = self.rope_cos[meta.positions, None].to(self.dtype)
+            sin = self.rope_sin[meta.positions, None].to(self.dtype)
         for layer, layer_cache in zip(layers, cache.layers):
-            x = layer(x, meta, cos, sin, layer_cache)
+            x = layer.forward(x, meta, cos, sin, layer_cache)   # see DecoderLayer.forward
         return rms_norm(x, self.norm, self.config.rms_norm_eps)
 
     @torch.inference_mode()

@@ -60,7 +60,7 @@ def grouped_swiglu_mm(x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Te
                       w_down: torch.Tensor) -> torch.Tensor:
     """grouped_swiglu with one grouped GEMM per projection: the group offsets
     stay on the device, so there is no host sync. counts (E,) on x's device."""
-    offs = counts.cumsum(0).to(torch.int32)
+    offs = counts.cumsum(0, dtype=torch.int32)
     g, u = _GROUPED_MM(x, w_gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
     return _GROUPED_MM(F.silu(g) * u, w_down.transpose(1, 2), offs=offs)
 

@@ -77,6 +77,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def full_width_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, R/2) cos and sin -> the (P, R) tables `apply_rope_full` takes:
+    (cos | cos) and (-sin | sin). Built once per model, so a layer's rotation
+    is two products and a sum instead of seven ops on halves."""
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+
+def apply_rope_full(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` with full-width tables (`full_width_tables`): x * cos +
+    swap_halves(x) * sin, equal to it bit for bit (x1 c + x2 (-s) rounds
+    exactly as x1 c - x2 s). x (T, H, R), cos/sin (T, 1, R) in x's dtype."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
 def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Adjacent pairs (x_2i, x_2i+1), as DeepSeek lays out its rotary dims. The
     result is written half-split (evens' rotation first, then odds'): the same
