@@ -5,6 +5,15 @@ same checkpoint, by default the bundled trained pair (experts/bundled), whose
 draft really predicts the target. Methods interleaved, median of --reps;
 outputs checked identical token for token.
 
+transformers' assisted generation reads its drafting settings from the
+assistant's generation_config (keyword arguments to generate() do not reach
+it), so it runs twice: with its defaults (up to 20 drafts per step, drafting
+stops once the assistant's top probability falls below 0.4; no scikit-learn,
+so that threshold stays fixed) and with k fixed like specmoe (num_assistant_tokens
+= k, schedule "constant", confidence threshold 0). The goal ratio is taken
+against the faster of the two. Drafted / accepted / steps of transformers are
+counted by wrapping its candidate generators' update_candidate_strategy.
+
     .venv/bin/python scripts/bench_vs_transformers.py [--target DIR --draft DIR] [--k 4] [--new-tokens 64] [--reps 7]
 """
 
@@ -34,15 +43,22 @@ def main() -> None:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from specmoe import Engine, SamplingParams
+    from specmoe import CompletionStats, Engine, SamplingParams
 
     print("command:", " ".join([sys.executable, *sys.argv]))
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     print(f"machine: {cpu}; os.cpu_count()={os.cpu_count()}, torch threads {torch.get_num_threads()}; "
           f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"target {a.target}, draft {a.draft}, k {a.k}, {a.new_tokens} new tokens, greedy, batch 1, float32")
+    from bench_spec import HFAcceptance   # scripts/ is on sys.path when this file runs as a script
+
     hf_t = AutoModelForCausalLM.from_pretrained(a.target, dtype=torch.float32).eval()
-    hf_d = AutoModelForCausalLM.from_pretrained(a.draft, dtype=torch.float32).eval()
+    hf_d = AutoModelForCausalLM.from_pretrained(a.draft, dtype=torch.float32).eval()       # its defaults
+    hf_dk = AutoModelForCausalLM.from_pretrained(a.draft, dtype=torch.float32).eval()      # k fixed, like specmoe
+    hf_dk.generation_config.num_assistant_tokens = a.k
+    hf_dk.generation_config.num_assistant_tokens_schedule = "constant"
+    hf_dk.generation_config.assistant_confidence_threshold = 0.0
+    acc = HFAcceptance()
     cap = 1024
     engines = {"draft_model": Engine.from_pretrained(a.target, max_batch=1, max_seq_len=cap, speculation={
                    "method": "draft_model", "k": a.k, "draft_model": a.draft}),
@@ -54,12 +70,14 @@ def main() -> None:
     gen = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0)
 
     def hf(kind, ids):
-        extra = {"assistant_model": hf_d, "num_assistant_tokens": a.k,
-                 "num_assistant_tokens_schedule": "constant"} if kind == "assisted" else \
-                {"prompt_lookup_num_tokens": a.k} if kind == "lookup" else {}
+        extra = {"assisted": {"assistant_model": hf_d}, "assisted k": {"assistant_model": hf_dk},
+                 "lookup": {"prompt_lookup_num_tokens": a.k}}.get(kind, {})
+        acc.reset()
         with torch.inference_mode():
             out = hf_t.generate(torch.tensor([ids]), **gen, **extra)
-        return out[0, len(ids):].tolist(), None
+        st = CompletionStats(steps=acc.steps, draft_tokens=acc.drafted, accepted_tokens=acc.accepted) if extra \
+            else None
+        return out[0, len(ids):].tolist(), st
 
     def sm(kind, ids):
         c = engines[kind].generate([ids], SamplingParams(max_tokens=N, ignore_eos=True))[0]
@@ -67,6 +85,7 @@ def main() -> None:
 
     methods = {"transformers greedy": lambda ids: hf("greedy", ids),
                "transformers assisted": lambda ids: hf("assisted", ids),
+               f"transformers assisted k={a.k}": lambda ids: hf("assisted k", ids),
                "transformers prompt lookup": lambda ids: hf("lookup", ids),
                "specmoe off": lambda ids: sm("off", ids),
                "specmoe draft_model": lambda ids: sm("draft_model", ids),
@@ -98,7 +117,8 @@ def main() -> None:
                                                       sum(s.accepted_tokens for s in st), sum(s.steps for s in st))
         print(f"| {m} | {tps[m]:.0f} [{total / max(v):.0f}..{total / min(v):.0f}] | {cols[0]} | {cols[1]} | {cols[2]} |")
     print()
-    for ours, theirs in (("specmoe draft_model", "transformers assisted"), ("specmoe ngram", "transformers prompt lookup"),
+    best = max(("transformers assisted", f"transformers assisted k={a.k}"), key=tps.get)
+    for ours, theirs in (("specmoe draft_model", best), ("specmoe ngram", "transformers prompt lookup"),
                          ("specmoe off", "transformers greedy")):
         r = tps[ours] / tps[theirs]
         print(f"{ours} / {theirs}: {r:.2f}x" + ("" if "off" in ours else f" -> goal >= 2x {'MET' if r >= 2 else 'NOT MET'}"))
