@@ -273,19 +273,19 @@ class EPRunner:
                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         return out
 
-    def _gather_channel(self, logits: torch.Tensor, rows: list[int], what: str, timeout_s: float) -> list[bytearray]:
+    def _gather_channel(self, logits: torch.Tensor, spans: list, what: str, timeout_s: float) -> list[bytearray]:
         """The socket control plane's results (logits rows into `logits`, see
         RouterChannel.gather); a closed connection names its rank as dead, a
         failed step names the dead rank behind it if there is one."""
         try:
-            return self._channel.gather(logits, rows, timeout_s, self.poll_s, self._check_alive)
+            return self._channel.gather(logits, spans, timeout_s, self.poll_s, self._check_alive)
         except ChannelError as e:
             dead = [e.rank] if e.closed else self._channel.closed_ranks(wait_s=2.0)
             if not dead:
                 dead = self._dead_ranks([w.ping.remote() for w in self.workers], None)
             who = dead[0] if dead else e.rank
             self._fail(f"EP worker rank {who} of {self.W} {'died' if dead else 'failed'} during {what}"
-                       + ("" if e.closed else f": {e}"))
+                       + (f" ({e})" if e.closed else f": {e}"))
         except TimeoutError as e:
             self._fail(f"{e} during {what}")
 
