@@ -1,5 +1,6 @@
-"""The socket control plane of expert parallelism: one TCP connection per
-worker, carrying the step plan out and the step result back.
+"""The socket control plane of expert parallelism: one stream connection per
+worker (Unix socket on the router's node, TCP elsewhere), carrying the step
+plan out and the step result back.
 
 Why not Ray for this: a plain actor call per worker and step costs ~1-3 ms of
 Ray machinery, and a Ray compiled graph, though faster, keeps every idle

@@ -6,9 +6,9 @@ weights: W `EPWorker` actors (experts/ep_worker.py) in one placement group do
 the forward. Per step it encodes one `StepPlan` (msgspec), sends the same
 bytes to every worker, waits for all `StepResult`s with a deadline and
 reassembles the logits in chunk order. The plan and results travel over the
-control plane chosen at construction: one TCP connection per worker
-(experts/ep_channel.py, the default), a plain Ray actor call per worker, or a
-Ray compiled graph.
+control plane chosen at construction: one socket connection per worker
+(experts/ep_channel.py, the default: a Unix socket on the router's node, TCP
+elsewhere), a plain Ray actor call per worker, or a Ray compiled graph.
 
 Start-up: placement group (PACK or SPREAD, optional custom resources per
 bundle) -> one actor per bundle -> rank 0 starts a TCPStore on port 0 of its node (the OS picks
@@ -107,7 +107,7 @@ class EPRunner:
         expert, e.g. tokens routed) switches placement from contiguous to
         balanced. num_cpus_per_worker defaults to 1 on CUDA (plus one GPU) and to
         an even share of the node's CPUs on CPU, capped at 1. control: "socket"
-        (one TCP connection per worker carrying plans and results, the least
+        (one socket connection per worker carrying plans and results, the least
         overhead and nothing running while idle), "actor" (one plain Ray actor
         call per worker and step) or "compiled" (a Ray compiled graph over
         shared-memory channels, whose idle readers spin); see
