@@ -42,6 +42,8 @@ class AcceptanceEstimator:
         self._n = np.zeros((16, k_max))         # decayed observed counts
         self._free: list[int] = list(range(15, -1, -1))
         self._pos = np.arange(k_max)
+        self.strength = prior_strength         # the per-request prior's strength in use (see _fit_strength)
+        self._since_strength = 0
 
     @property
     def global_curve(self) -> np.ndarray:
@@ -81,11 +83,17 @@ class AcceptanceEstimator:
         estimate to the prior (optimism where positions are rarely verified, so
         a plan keeps testing them; it fades as they are seen)."""
         rows = self._rows(req_ids)
-        s = self.prior_strength
+        s = self.strength
         g = self.global_curve
+        a, n = self._a[rows], self._n[rows]
+        est = (a + s * g) / (n + s)
         if explore:
-            g = np.minimum(g + explore * np.sqrt(g * (1 - g) / (self._gn + self.chain_strength)), 1.0)
-        return (self._a[rows] + s * g) / (self._n[rows] + s)
+            # The bonus reaches a request as through a prior of the base strength, whatever strength
+            # the requests' spread set: a strong prior would pass it to every request at once.
+            bonus = explore * np.sqrt(g * (1 - g) / (self._gn + self.chain_strength))
+            s0 = self.prior_strength
+            est = np.minimum(est + bonus * (s0 / (n + s0)), 1.0)
+        return est
 
     def observe(self, req_ids, drafted, accepted) -> None:
         """One verification per request: drafted[i] drafts, the first accepted[i] accepted."""
@@ -98,6 +106,9 @@ class AcceptanceEstimator:
         # Every position's evidence ages with every verification, seen or not: a deep
         # position the plans stopped reaching drifts back toward its trend prior
         # (the shallower positions' rate), so it is tried again if that makes it pay.
+        self._since_strength += 1
+        if self._since_strength >= 16:
+            self._fit_strength()
         g = self.global_decay ** len(batch)
         self._ga *= g
         self._gn *= g
@@ -125,6 +136,30 @@ class AcceptanceEstimator:
         r = np.where(seen, self.request_decay, 1.0)
         self._a[rows] = self._a[rows] * r + hit
         self._n[rows] = self._n[rows] * r + seen
+
+    def _fit_strength(self, most: float = 64.0) -> None:
+        """Empirical Bayes: how much requests really differ. The spread of the
+        live requests' first-position rates, less what their sample sizes alone
+        would give, is the between-request variance v; a Beta prior with that
+        variance has strength m (1 - m) / v - 1. Requests that all accept alike
+        (v ~ 0) then lean on the global curve (strength up to `most`) instead of
+        chasing their own few draws; requests that differ keep their own rates
+        (strength down to prior_strength)."""
+        self._since_strength = 0
+        rows = list(self._row.values())
+        if len(rows) < 4:
+            self.strength = self.prior_strength
+            return
+        a, n = self._a[rows, 0], self._n[rows, 0]
+        seen = n >= 2
+        if seen.sum() < 4:
+            return
+        m = float(self.global_curve[0])
+        base = max(m * (1 - m), 1e-6)
+        r = a[seen] / n[seen]
+        between = float(np.var(r) - np.mean(base / n[seen]))
+        self.strength = most if between <= base / (most + 1) else min(most, max(self.prior_strength,
+                                                                             base / between - 1))
 
     def forget(self, req_id: int) -> None:
         r = self._row.pop(req_id, None)

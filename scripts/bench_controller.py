@@ -116,20 +116,33 @@ def run_trace(runner, prompt_pool, conts, phases, ks, reps, new_tokens, seed, V,
         props[p] = prop
         engines[p] = make_engine(runner, p, lambda prop=prop: prop)
     samples = {p: [] for p in engines}
+    phase_s = {p: [[] for _ in phases] for p in engines}
+    phase_tokens = [0] * len(phases)
     for r in range(reps + 1):                 # repetition 0 is the warm-up
         for p in rotate(list(engines), r):
             tokens, wall = 0, 0.0
-            for batch, alpha in phases:
+            for i, (batch, alpha) in enumerate(phases):
                 if props[p] is not None:
                     props[p].alpha = alpha
                 t0 = time.perf_counter()
                 outs = engines[p].generate(prompt_pool[:batch], params)
-                wall += time.perf_counter() - t0
-                tokens += sum(len(o.token_ids) for o in outs)
+                dt = time.perf_counter() - t0
+                wall += dt
+                n = sum(len(o.token_ids) for o in outs)
+                tokens += n
+                phase_tokens[i] = n
+                if r:
+                    phase_s[p][i].append(dt)
             if r:
                 samples[p].append(tokens / wall)
         log(f"trace repetition {r} done")
-    return {p: statistics.median(xs) for p, xs in samples.items()}
+    out = {p: statistics.median(xs) for p, xs in samples.items()}
+    # The bound no single-k policy reaches and a per-phase one could: each phase at its fastest policy
+    # (medians per phase; "auto" left out), i.e. an oracle that knows the phase and the best k for it.
+    med = {p: [statistics.median(ts) for ts in phase_s[p]] for p in engines if p != "auto"}
+    best_phase = [min(med, key=lambda p: med[p][i]) for i in range(len(phases))]
+    oracle = sum(phase_tokens) / sum(med[p][i] for i, p in enumerate(best_phase))
+    return out, oracle, best_phase
 
 
 def tokens_for(args, batch: int) -> int:
@@ -338,15 +351,19 @@ def main(argv=None) -> int:
             if args.trace or args.trace_only:
                 phases = [(b, a) for b, a in ((1, 0.9), (16, 0.3), (4, 0.7), (max_b, 0.5), (2, 0.2), (8, 0.9))
                           if b <= max_b]
-                res = run_trace(runner, pool, conts, phases, args.ks_list, args.reps, args.new_tokens,
-                                args.seed, V, log)
+                res, oracle, best_phase = run_trace(runner, pool, conts, phases, args.ks_list, args.reps,
+                                                    args.new_tokens, args.seed, V, log)
                 best_p = max((p for p in res if p.startswith("k=")), key=res.get)
                 print(f"\n## Mixed trace: {model}, ep {ep}, phases (batch, alpha) {phases}\n")
                 print("| policy | tokens/s | vs off | vs best fixed |")
                 print("|---|---:|---:|---:|")
                 for p, v in res.items():
                     print(f"| {p} | {v:.1f} | {v / res['off']:.2f}x | {v / res[best_p]:.2f}x |")
-                print(f"\nauto / best single fixed k ({best_p}): {res['auto'] / res[best_p]:.3f}x")
+                print(f"| per-phase oracle ({', '.join(best_phase)}) | {oracle:.1f} | {oracle / res['off']:.2f}x | "
+                      f"{oracle / res[best_p]:.2f}x |")
+                print(f"\nauto / best single fixed k ({best_p}): {res['auto'] / res[best_p]:.3f}x; "
+                      f"the per-phase oracle (each phase at its fastest fixed policy) / best single: "
+                      f"{oracle / res[best_p]:.3f}x; auto / oracle: {res['auto'] / oracle:.3f}x")
             if hasattr(runner, "close"):
                 runner.close()
     if summary:

@@ -91,6 +91,25 @@ def test_acceptance_per_request_follows_its_own_rate():
     assert a.min() > 0.8 and b[0] < 0.2
 
 
+@pytest.mark.parametrize("spread", [False, True])
+def test_acceptance_prior_strength_follows_how_much_requests_differ(spread):
+    """Eight requests drafting 4 per step: all at rate 0.6, the per-request
+    prior grows strong (their own few draws are mostly noise); at rates 0.1 to
+    0.95 it stays at its base strength and each request keeps its own rate."""
+    rng = np.random.default_rng(3)
+    rates = np.linspace(0.1, 0.95, 8) if spread else np.full(8, 0.6)
+    est = AcceptanceEstimator(4)
+    for _ in range(300):
+        acc = [int(np.argmin(np.append(rng.random(4) < p, False))) for p in rates]
+        est.observe(list(range(8)), [4] * 8, acc)
+    if spread:
+        assert est.strength == est.prior_strength
+        first = est.estimate(list(range(8)))[:, 0]
+        assert first[0] < 0.3 and first[-1] > 0.8
+    else:
+        assert est.strength > 8 * est.prior_strength
+
+
 def test_distinct_experts_learns_locality_exponent():
     ex = DistinctExperts(64, 2)
     rng = np.random.default_rng(2)
