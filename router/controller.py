@@ -55,7 +55,7 @@ class _ReqState:
 @dataclass
 class Decision:
     """What `plan` decided, kept until `observe`."""
-    ctx: np.ndarray                 # cached tokens per scheduled entry
+    ctx: np.ndarray | None          # cached tokens per scheduled entry (None: a quiet step not sampled)
     breakeven: dict                 # req id -> tokens the request's drafts had to gain to pay
     lag: list                       # per entry: tokens the drafter had to catch up on first
     learn: bool = True              # the step's timing and routing feed the cost model
@@ -120,6 +120,9 @@ class Controller:
         decides for (keeping s.k as the cap); others keep theirs. Returns the
         seconds the decision took."""
         t0 = time.perf_counter()
+        # (A request arriving while quiet starts on the probe schedule its predecessors reached.)
+        if self.quiet and self._quiet_steps < self.replan_every:
+            return self._quiet_plan(sched, is_auto, t0)
         q = np.array([s.num_new + (0 if is_auto(s) else s.k) for s in sched], dtype=float)
         ctx = np.array([s.req.num_cached for s in sched], dtype=float)
         fixed_k = [0 if is_auto(s) else s.k for s in sched]
@@ -128,22 +131,14 @@ class Controller:
         k = np.zeros(len(sched))
         breakeven: dict[int, float] = {}
         lag = self._lag(sched)
-        # (A request arriving while quiet starts on the probe schedule its predecessors reached.)
-        quiet_step = self.quiet and self._quiet_steps < self.replan_every
-        reuse = (not quiet_step and not self.fallback and self._steady >= 2
-                 and self._since_full + 1 < self.reuse_every and self._reusable(sched, auto))
+        reuse = (not self.fallback and self._steady >= 2 and self._since_full + 1 < self.reuse_every
+                 and self._reusable(sched, auto))
         if reuse:
             self._since_full += 1
             self.reused += 1
             for i, kk in zip(auto, self._last[2]):
                 k[i] = kk
             breakeven = self._last_breakeven
-        elif quiet_step:
-            # Nothing drafted at the last full plan and nothing learned since: only probes draft.
-            self._quiet_steps += 1
-            for i in auto:
-                st = self._new_state(sched[i].req.id)
-                k[i] = 1 if st.probe and not st.cooldown else 0
         elif self.fallback:
             # Timing-free rule: draft while the next draft is expected accepted with
             # probability >= 1/2, at most fallback_k.
@@ -166,13 +161,38 @@ class Controller:
         for i, s in enumerate(sched):       # auto entries not decided here (prompt parts, no room) draft 0
             if i not in decided and is_auto(s):
                 s.k = 0
-        if not quiet_step and not reuse:
+        if not reuse:
             self.quiet = not self.fallback and bool(auto) and not any(k[i] for i in auto)
             self._quiet_steps = 0
             if self._ids_stats is not None:
                 self._ids_stats.keep_ids = not self.quiet     # per-token routing only matters while drafting
         plan_s = time.perf_counter() - t0
-        self._decision = Decision(ctx, breakeven, lag, learn=not reuse and not quiet_step)
+        self._decision = Decision(ctx, breakeven, lag, learn=not reuse)
+        self.overhead_s += plan_s
+        return plan_s
+
+    def _quiet_plan(self, sched, is_auto, t0: float) -> float:
+        """Nothing drafted at the last full plan and nothing learned since: only
+        probes draft. The cheapest path (a step of a small model is ~1 ms): no
+        arrays, and the features of the step only when it is one of the 1 in 8
+        that feed the cost model."""
+        self._quiet_steps += 1
+        chosen = self.k_chosen
+        for s in sched:
+            if not is_auto(s):
+                continue
+            if s.partial or s.k <= 0:
+                s.k = 0
+                continue
+            st = self._state.get(s.req.id) or self._new_state(s.req.id)
+            s.k = 1 if st.probe and not st.cooldown else 0
+            chosen[s.k] += 1
+        if (self._observed + 1) % 8 == 0:
+            ctx = np.array([s.req.num_cached for s in sched], dtype=float)
+            self._decision = Decision(ctx, {}, self._lag(sched), learn=False)
+        else:
+            self._decision = Decision(None, {}, None, learn=False)
+        plan_s = time.perf_counter() - t0
         self.overhead_s += plan_s
         return plan_s
 
@@ -345,7 +365,7 @@ class Controller:
         d = self._decision
         self._observed += 1
         # Full plans feed the cost model; a kept plan's steps and quiet steps only 1 in 8.
-        sample = d is not None and (d.learn or self._observed % 8 == 0)
+        sample = d is not None and d.ctx is not None and (d.learn or self._observed % 8 == 0)
         if sample and len(d.ctx) == len(q):
             x = self.cost.target_features(q, d.ctx)
             z = self.cost.draft_features(drafts, d.lag)

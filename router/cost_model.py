@@ -145,6 +145,7 @@ class CostModel:
         self._z: deque = deque(maxlen=window)
         self._err: deque = deque(maxlen=64)
         self._err_sum = 0.0
+        self._tmape: float | None = None
         self._steps = 0
         self._since_fit = 0
         self._z_new = False
@@ -267,7 +268,9 @@ class CostModel:
                             continue
                         chunks = [Chunk(s, ctx0, rand(q)) for s in group[:B]]
                         t0 = time.perf_counter()
-                        o = runner.run(chunks, routing=True)
+                        # every token's logits, as a verification step asks (the LM head per row is
+                        # a per-token cost: on a small model it is most of it)
+                        o = runner.run(chunks, routing=True, num_logits=[q] * B)
                         t = time.perf_counter() - t0
                         if rep and (ctx0 not in best or t < best[ctx0][0]):
                             best[ctx0] = (t, o.routing)
@@ -323,6 +326,7 @@ class CostModel:
             e = abs(predicted - total) / total
             self._err.append(e)
             self._err_sum += e
+            self._tmape = None
         self._x.append((x, target_s))
         if z[0] > 0 or draft_s > 1e-4:
             self._z.append((z, draft_s))
@@ -383,6 +387,8 @@ class CostModel:
         switch the plan off."""
         if len(self._err) < 8:
             return None
-        e = sorted(self._err)
-        e = e[:max(1, int(len(e) * 0.9))]
-        return sum(e) / len(e)
+        if self._tmape is None:
+            e = sorted(self._err)
+            e = e[:max(1, int(len(e) * 0.9))]
+            self._tmape = sum(e) / len(e)
+        return self._tmape
