@@ -6,7 +6,8 @@ of speculation can be measured as a function of acceptance without training
 a drafter. It costs nothing to run, which a benchmark must account for.
 """
 
-import torch
+import random
+from collections import Counter
 
 from .base import DraftInput, Proposal, Proposer
 
@@ -16,9 +17,16 @@ class SyntheticProposer(Proposer):
     prompt P followed by output o (a prefix of P's continuation c), proposes
     up to k tokens at i = len(o): draft j is c[i+j] with probability
     alpha * decay**j, otherwise a token that is surely wrong. Nothing is
-    proposed beyond the end of c. The coin flips come from the proposer's own
-    generator (seeded by `seed`), never the request's, so a benchmark's
-    acceptance does not perturb its sampling. Drafts are one-hot (probs None).
+    proposed beyond the end of c. Drafts are one-hot (probs None).
+
+    The coin flips are common random numbers: drawn from a generator keyed by
+    (seed, prompt, which run of that prompt this request is, i, how often this
+    request was asked at i), never from the request's generator (a benchmark's
+    acceptance does not perturb its sampling). Two engines given the same
+    prompts in the same order therefore see the same coins wherever they draft
+    at the same place, so policies are compared on the same luck (at batch 1
+    a few dozen steps would otherwise differ by several percent in accepted
+    tokens from the coins alone).
 
     continuations: prompt token tuple -> true continuation. When several
     prompts prefix the tokens, the longest wins.
@@ -42,13 +50,17 @@ class SyntheticProposer(Proposer):
                                  f"{bad[:1]} outside 0..{vocab_size - 1}")
         self.continuations = {tuple(p): list(c) for p, c in continuations.items()}
         self._lengths = sorted({len(p) for p in self.continuations}, reverse=True)
-        self.alpha, self.decay, self.vocab_size = alpha, decay, vocab_size
-        self.generator = torch.Generator().manual_seed(seed)
+        self.alpha, self.decay, self.vocab_size, self.seed = alpha, decay, vocab_size, seed
+        self._prompt_index = {p: n for n, p in enumerate(self.continuations)}
+        self._runs: Counter = Counter()       # prompt -> requests seen with it
+        self._run_of: dict[int, tuple[int, int]] = {}     # request id -> (prompt index, run)
+        self._asked: dict[int, Counter] = {}  # request id -> {i: proposals made there}
 
-    def _continuation(self, inp: DraftInput) -> tuple[list[int], int]:
-        """(continuation, position i = len(output)) of a request."""
+    def _continuation(self, inp: DraftInput) -> tuple[list[int], int, int]:
+        """(continuation, position i = len(output), prompt index) of a request."""
         for n in self._lengths:
-            cont = self.continuations.get(tuple(inp.tokens[:n])) if n <= len(inp.tokens) else None
+            key = tuple(inp.tokens[:n]) if n <= len(inp.tokens) else None
+            cont = self.continuations.get(key) if key is not None else None
             if cont is not None:
                 out = inp.tokens[n:]
                 m = min(len(out), len(cont))
@@ -57,7 +69,7 @@ class SyntheticProposer(Proposer):
                     raise ValueError(f"synthetic drafter: request {inp.req_id}: output token {j} is {out[j]}, "
                                      f"the recorded continuation has {cont[j]} (greedy decoding of the model "
                                      f"that recorded the continuations is required)")
-                return cont, len(out)
+                return cont, len(out), self._prompt_index[key]
         raise ValueError(f"synthetic drafter: request {inp.req_id}: its tokens start with none of the "
                          f"{len(self.continuations)} known prompts")
 
@@ -66,11 +78,25 @@ class SyntheticProposer(Proposer):
         for inp in inputs:
             if inp.k < 1:
                 raise ValueError(f"request {inp.req_id}: k must be >= 1, got {inp.k}")
-            cont, i = self._continuation(inp)
+            cont, i, pidx = self._continuation(inp)
             k = max(0, min(inp.k, len(cont) - i))
-            u = torch.rand(k, generator=self.generator, dtype=torch.float64).tolist()
-            r = torch.randint(0, self.vocab_size - 1, (k,), generator=self.generator).tolist()
-            # A miss is shifted by 1..V-1 from the true token: never equal to it.
-            out.append(Proposal([cont[i + j] if u[j] < self.alpha * self.decay ** j
-                                 else (cont[i + j] + 1 + r[j]) % self.vocab_size for j in range(k)]))
+            run = self._run_of.get(inp.req_id)
+            if run is None:
+                run = self._run_of[inp.req_id] = (pidx, self._runs[pidx])
+                self._runs[pidx] += 1
+            seen = self._asked.setdefault(inp.req_id, Counter())
+            asked = seen[i]
+            seen[i] += 1
+            rng = random.Random(f"{self.seed}/{run[0]}/{run[1]}/{i}/{asked}")
+            tokens = []
+            for j in range(k):
+                u, r = rng.random(), rng.randrange(self.vocab_size - 1)
+                # A miss is shifted by 1..V-1 from the true token: never equal to it.
+                tokens.append(cont[i + j] if u < self.alpha * self.decay ** j
+                              else (cont[i + j] + 1 + r) % self.vocab_size)
+            out.append(Proposal(tokens))
         return out
+
+    def release(self, req_id: int) -> None:
+        self._run_of.pop(req_id, None)
+        self._asked.pop(req_id, None)

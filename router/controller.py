@@ -10,8 +10,10 @@ the best expected tokens gained per second added,
 
     dV = sum_{k_i <= j < k'} prod_{m <= j} a_{i,m}      dT = cost(plan + ext) - cost(plan)
 
-and take it only while it raises goodput: dV > G * dT * (1 + margin + hedge *
-MAPE), i.e. by more than the cost model's recent error can explain, where G
+and take it only while it raises goodput: dV > G * dT * (1 + margin), and a
+request's first drafts only by more than the cost model's recent error can
+explain, dV > G * dT * (1 + margin + hedge * MAPE) (the hedge guards drafting
+at all against "off"; past the first draft a wrong price cuts both ways), where G
 is the larger of the plan's own rate V / T and the recent steps' measured
 rate (a prefill-heavy step's own rate undervalues the time its drafts add).
 Extensions of several tokens are priced whole, so a drafter's fixed cost
@@ -260,7 +262,10 @@ class Controller:
         kk = [0] * len(ids)
         # Hedge by the model's recent error: a gain the model cannot tell from noise is not taken.
         mape = self.cost.trimmed_mape
-        margin = 1.0 + self.margin + self.hedge * (mape if mape is not None else 0.1)
+        # The hedge guards the decision to draft at all (against "off"); a request already drafting
+        # deepens at the plain margin: past the first draft an error in the price cuts both ways.
+        hedged = 1.0 + self.margin + self.hedge * (mape if mape is not None else 0.1)
+        plain = 1.0 + self.margin
         # The price of a second: what this step makes of it, or what recent steps did if that is
         # more (a prefill-heavy step's own rate undervalues the time its drafts would add).
         g_ref = self.goodput
@@ -282,7 +287,7 @@ class Controller:
                 best, best_kp = 0.0, 0
                 for kp in range(kk[j] + 1, caps[j] + 1):
                     dv, dT, _ = extension(j, kp)
-                    if dv > max(V / T, g_ref) * max(dT, 0.0) * margin:
+                    if dv > max(V / T, g_ref) * max(dT, 0.0) * (plain if kk[j] else hedged):
                         r = dv / max(dT, 1e-12)
                         if r > best:
                             best, best_kp = r, kp
@@ -313,7 +318,8 @@ class Controller:
                      + d_depth * np.maximum(depth, KP)[None, :] + d_lag * (lag + lags_a * first)[:, None])
                 dT = t - T
                 dv = cum_a[:, 1:] - cum_a[rows_a, kk_a][:, None]
-                ok = valid & (dv > max(V / T, g_ref) * np.maximum(dT, 0.0) * margin)
+                margin_a = np.where(first, hedged, plain)[:, None]
+                ok = valid & (dv > max(V / T, g_ref) * np.maximum(dT, 0.0) * margin_a)
                 r = np.where(ok, dv / np.maximum(dT, 1e-12), -np.inf)
                 bj = r.argmax(axis=1)
                 br = r[rows_a, bj]
@@ -327,7 +333,7 @@ class Controller:
             taken = 0
             for _, j, kp in sorted(cands, reverse=True):
                 dv, dT, agg = extension(j, kp)
-                if dv <= max(V / T, g_ref) * max(dT, 0.0) * margin:
+                if dv <= max(V / T, g_ref) * max(dT, 0.0) * (plain if kk[j] else hedged):
                     continue
                 breakeven[ids[j]] = breakeven.get(ids[j], 0.0) + max(V / T, g_ref) * max(dT, 0.0)
                 n, neff, attn, drafting, dtok, depth, lag = agg

@@ -280,6 +280,21 @@ def test_synthetic_acceptance_rate_per_position():
         assert abs(hits[j] / n - want) < 4 * se, f"position {j}: rate {hits[j] / n:.3f}, expected {want:.3f}"
 
 
+def test_synthetic_coins_are_common_to_engines_and_fresh_per_run():
+    """Two proposers (two benchmark engines) with the same seed draw the same
+    coins for the same prompt, run and position, whatever their request ids
+    and whatever else they drafted; a second run of a prompt draws new ones."""
+    cont = list(range(10, 50))
+    a = SyntheticProposer({PROMPT: cont}, 0.5, vocab_size=VOCAB, seed=4)
+    b = SyntheticProposer({PROMPT: cont}, 0.5, vocab_size=VOCAB, seed=4)
+    first = [ask(a, (7, list(PROMPT) + cont[:i], 8))[0] for i in (0, 5, 9)]
+    ask(b, (100, list(PROMPT) + cont[:3], 2))            # b's first run drafts elsewhere first
+    assert [ask(b, (100, list(PROMPT) + cont[:i], 8))[0] for i in (0, 5, 9)] == first
+    b.release(100)
+    second = [ask(b, (101, list(PROMPT) + cont[:i], 8))[0] for i in (0, 5, 9)]
+    assert second != first
+
+
 def test_synthetic_errors():
     prop = SyntheticProposer({PROMPT: CONT}, alpha=0.5, vocab_size=VOCAB)
     with pytest.raises(ValueError, match="none of the 1 known prompts"):
