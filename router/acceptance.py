@@ -23,6 +23,8 @@ Per request: Beta-Bernoulli with the global curve as prior of strength
 reads are vectorised.
 """
 
+from collections import deque
+
 import numpy as np
 
 
@@ -44,6 +46,7 @@ class AcceptanceEstimator:
         self._pos = np.arange(k_max)
         self.strength = prior_strength         # the per-request prior's strength in use (see _fit_strength)
         self._since_strength = 0
+        self._past: deque = deque(maxlen=32)    # (accepted, seen) at position 0 of finished requests
 
     @property
     def global_curve(self) -> np.ndarray:
@@ -139,18 +142,17 @@ class AcceptanceEstimator:
 
     def _fit_strength(self, most: float = 64.0) -> None:
         """Empirical Bayes: how much requests really differ. The spread of the
-        live requests' first-position rates, less what their sample sizes alone
-        would give, is the between-request variance v; a Beta prior with that
+        first-position rates of the live requests and the last 32 finished ones
+        (so a small batch has enough), less what their sample sizes alone would
+        give, is the between-request variance v; a Beta prior with that
         variance has strength m (1 - m) / v - 1. Requests that all accept alike
         (v ~ 0) then lean on the global curve (strength up to `most`) instead of
         chasing their own few draws; requests that differ keep their own rates
         (strength down to prior_strength)."""
         self._since_strength = 0
         rows = list(self._row.values())
-        if len(rows) < 4:
-            self.strength = self.prior_strength
-            return
-        a, n = self._a[rows, 0], self._n[rows, 0]
+        a = np.concatenate([self._a[rows, 0], [p[0] for p in self._past]])
+        n = np.concatenate([self._n[rows, 0], [p[1] for p in self._past]])
         seen = n >= 2
         if seen.sum() < 4:
             return
@@ -164,6 +166,8 @@ class AcceptanceEstimator:
     def forget(self, req_id: int) -> None:
         r = self._row.pop(req_id, None)
         if r is not None:
+            if self._n[r, 0] >= 2:
+                self._past.append((float(self._a[r, 0]), float(self._n[r, 0])))
             self._free.append(r)
 
     def relax(self, req_id: int, factor: float) -> None:

@@ -333,9 +333,9 @@ class CostModel:
             self._z_new = True
         self._since_fit += 1
         self._steps += 1
-        # Refit every 16 steps while the window fills, then every 64 (a refit is ~1 ms
+        # Refit every 32 steps while the window fills, then every 64 (a refit is 1-2 ms
         # of NNLS; the profile already gave coefficients close to the machine's).
-        if self._since_fit >= (16 if self._steps < 128 else 64):
+        if self._since_fit >= (32 if self._steps < 128 else 64):
             self.refit()
 
     def refit(self) -> None:
