@@ -333,9 +333,10 @@ class CostModel:
             self._z_new = True
         self._since_fit += 1
         self._steps += 1
-        # Refit every 32 steps while the window fills, then every 64 (a refit is 1-2 ms
-        # of NNLS; the profile already gave coefficients close to the machine's).
-        if self._since_fit >= (32 if self._steps < 128 else 64):
+        # Refit every 8 steps at first (a large batch runs few steps, and the profile's
+        # short steps say little about its long ones), every 32 until the window is
+        # full, then every 64 (a refit is 1-2 ms of NNLS).
+        if self._since_fit >= (8 if self._steps <= 32 else 32 if self._steps < 128 else 64):
             self.refit()
 
     def refit(self) -> None:
@@ -382,13 +383,14 @@ class CostModel:
 
     @property
     def trimmed_mape(self) -> float | None:
-        """The same without the worst 10% of steps: what the fallback decision
-        reads, so a few steps stretched by other load on the machine do not
-        switch the plan off."""
+        """The same over the last 16 predictions without the worst 10% of them:
+        what the plan's hedge and the fallback decision read, so a few steps
+        stretched by other load on the machine do not switch the plan off, and a
+        refit that mends the model shows within 16 steps."""
         if len(self._err) < 8:
             return None
         if self._tmape is None:
-            e = sorted(self._err)
+            e = sorted(list(self._err)[-16:])
             e = e[:max(1, int(len(e) * 0.9))]
             self._tmape = sum(e) / len(e)
         return self._tmape
