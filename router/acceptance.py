@@ -11,11 +11,13 @@ accepted), exactly the factor the value of drafting multiplies in:
 Global per-position curve: Beta counts that age with every verification, seen
 or not (the workload drifts). The prior of position 0 is `prior_mean`, of
 position 1 the estimate of position 0, and of a deeper position j the estimate
-of j-1 times the ratio of j-1 to j-2 (capped at 1): a deep position seen rarely
-continues the trend of the shallower ones (flat stays flat, a falling rate keeps
-falling) instead of staying wherever two unlucky draws left it, which would stop
-the plan from ever drafting that deep again, or of borrowing the shallower
-positions' higher rate, which would draft too deep where acceptance decays.
+of j-1 times the ratio of j-1 to j-2 (capped at 1, and raised to the share of
+evidence behind those two, so a trend read from a few draws counts little): a
+deep position seen rarely continues the trend of the shallower ones (flat stays
+flat, a falling rate keeps falling) instead of staying wherever two unlucky
+draws left it, which would stop the plan from ever drafting that deep again,
+or of borrowing the shallower positions' higher rate, which would draft too
+deep where acceptance decays.
 
 Per request: Beta-Bernoulli with the global curve as prior of strength
 `prior_strength`, and a faster decay so a request whose text turns predictable
@@ -53,13 +55,17 @@ class AcceptanceEstimator:
         """(k_max,) conditional acceptance per position, all requests together."""
         if self._curve is None:
             curve, s = [], self.chain_strength
-            for j, (a, n) in enumerate(zip(self._ga.tolist(), self._gn.tolist())):
+            gn = self._gn.tolist()
+            for j, (a, n) in enumerate(zip(self._ga.tolist(), gn)):
                 if j == 0:
                     prior = self.prior_mean
                 elif j == 1:
                     prior = curve[0]
-                else:       # continue the shallower positions' trend (flat or falling), never rising
-                    prior = curve[j - 1] * min(1.0, curve[j - 1] / max(curve[j - 2], 1e-6))
+                else:       # continue the shallower positions' trend (flat or falling), never rising,
+                    # as far as their own evidence supports it (a trend read from few draws is mostly noise)
+                    seen = min(gn[j - 1], gn[j - 2])
+                    trend = min(1.0, curve[j - 1] / max(curve[j - 2], 1e-6))
+                    prior = curve[j - 1] * trend ** (seen / (seen + 4 * s))
                 curve.append((a + s * prior) / (n + s))
             self._curve = np.array(curve)
         return self._curve
