@@ -6,7 +6,6 @@ Prometheus endpoint, and end it with SIGTERM. One server for the module."""
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from specmoe.cluster.cli import main
 from specmoe.cluster.client import Client, RequestError
 
 from _helpers import assert_same_or_near_tie as near_tie  # noqa: E402  (tests/, on sys.path via conftest)
+from _helpers import free_port, stop, wait_serving  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 TOKEN = "serve-test-token"
@@ -28,12 +28,6 @@ MAX_SEQ_LEN = 512
 PROMPTS = ['def read_config(path):\n    """Read a JSON file and return a dict."""\n',
            "class Stack:\n    def __init__(self):\n", "import os\nimport sys\n\n",
            "    for i, line in enumerate(lines):\n"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Served:
@@ -51,7 +45,7 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
-    port, mport = _free_port(), _free_port()
+    port, mport = free_port(), free_port()
     cfg = d / "serve.yaml"
     cfg.write_text(f"server:\n  max_in_flight: 80\n  drain_timeout_s: 60\n"
                    f"engine:\n  max_batch: 16\n  max_seq_len: {MAX_SEQ_LEN}\n  speculation: auto\n"
@@ -64,25 +58,11 @@ def served(tmp_path_factory):
                                 env=env)
     s = Served(proc, port, mport, log)
     try:
-        deadline = time.monotonic() + 180
         with s.client() as c:
-            while True:
-                assert proc.poll() is None, f"specmoe serve exited {proc.returncode}:\n{s.output()[-3000:]}"
-                assert time.monotonic() < deadline, f"specmoe serve not ready:\n{s.output()[-3000:]}"
-                try:
-                    if c.health(timeout=2)["serving"]:
-                        break
-                except RequestError:
-                    time.sleep(0.5)
+            wait_serving(c, proc, s.output, 180)
         yield s
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
 
 
 @pytest.fixture(scope="module")
