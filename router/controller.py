@@ -222,8 +222,8 @@ class Controller:
         c0, c_seq, c_tok, c_exp, c_attn, c_a2a = (float(v) for v in cost.c)
         d_any, d_seq, d_tok, d_depth, d_lag = (float(v) for v in cost.d)
         c_tok += c_a2a * cost.a2a_mb_per_token
-        beta, miss = ex.beta, ex.miss
-        exp_scale = c_exp * cost.moe_layers * ex.E / cost.ep if ex.E else 0.0
+        beta, distinct = ex.beta, ex.predict_from_neff       # distinct experts per layer from n_eff
+        exp_scale = c_exp * cost.moe_layers / cost.ep
         ids = [sched[i].req.id for i in auto]
         caps = [min(sched[i].k, self.k_max) for i in auto]
         probes = []
@@ -252,7 +252,7 @@ class Controller:
         fixed_t = c0 + c_seq * len(qs)
 
         def price(n_, neff_, attn_, drafting_, dtok_, depth_, lag_):
-            t = fixed_t + c_tok * n_ + exp_scale * (1.0 - miss ** neff_) + c_attn * attn_
+            t = fixed_t + c_tok * n_ + exp_scale * distinct(neff_) + c_attn * attn_
             if drafting_:
                 t += d_any + d_seq * drafting_ + d_tok * dtok_ + d_depth * depth_ + d_lag * lag_
             return t
@@ -313,7 +313,7 @@ class Controller:
                 attn_ = attn + (dk * (ctx_a + b)[:, None] + dk * (dk + 1) / 2) / 1000.0
                 first = kk_a == 0
                 # every candidate drafts, so the drafter's terms always apply
-                t = (fixed_t + c_tok * (n + dk) + exp_scale * (1.0 - miss ** neff_) + c_attn * attn_
+                t = (fixed_t + c_tok * (n + dk) + exp_scale * distinct(neff_) + c_attn * attn_
                      + d_any + d_seq * (drafting + first)[:, None] + d_tok * (dtok + dk)
                      + d_depth * np.maximum(depth, KP)[None, :] + d_lag * (lag + lags_a * first)[:, None])
                 dT = t - T

@@ -81,7 +81,8 @@ class DistinctExperts:
         self._pow = np.power(np.arange(129, dtype=float)[:, None], self.BETAS)     # q ** beta, q = 0..128
 
     def predict_from_neff(self, n_eff):
-        return self.E * (1.0 - np.power(self.miss, n_eff))
+        """Distinct experts for an n_eff (a float, or an array of them)."""
+        return self.E * (1.0 - self.miss ** n_eff)
 
     def n_eff(self, q) -> float:
         b = self.beta
@@ -156,8 +157,7 @@ class CostModel:
     def target_features(self, q, ctx) -> np.ndarray:
         """q[i] tokens appended after ctx[i] cached ones, per sequence in the step."""
         n = float(sum(q))
-        ex = self.experts
-        experts = (self.moe_layers * ex.E * (1.0 - ex.miss ** ex.n_eff(q)) / self.ep) if ex.E else 0.0
+        experts = self.moe_layers * self.experts.predict(q) / self.ep
         attn = sum(a * b + a * (a + 1) * 0.5 for a, b in zip(q, ctx)) / ATTN_UNIT
         return np.array([1.0, len(q), n, experts, float(attn), n * self.a2a_mb_per_token])
 

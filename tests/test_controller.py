@@ -110,6 +110,23 @@ def test_acceptance_prior_strength_follows_how_much_requests_differ(spread):
         assert est.strength > 8 * est.prior_strength
 
 
+def test_acceptance_updates_for_few_and_many_requests_agree():
+    """Up to 8 requests update their counts by slices, more by array masks: a
+    request's own counts come out the same either way."""
+    rng = np.random.default_rng(5)
+    many, few = AcceptanceEstimator(8), AcceptanceEstimator(8)
+    ids = list(range(12))
+    for _ in range(50):
+        drafted = rng.integers(0, 9, 12)
+        accepted = [int(rng.integers(0, d + 1)) for d in drafted]
+        many.observe(ids, drafted, accepted)                 # 12 at once: the array path
+        for i in range(0, 12, 4):                            # 4 at a time: the slice path
+            few.observe(ids[i:i + 4], drafted[i:i + 4], accepted[i:i + 4])
+    rows = lambda est: [est._row[i] for i in ids]  # noqa: E731
+    np.testing.assert_allclose(many._a[rows(many)], few._a[rows(few)])
+    np.testing.assert_allclose(many._n[rows(many)], few._n[rows(few)])
+
+
 def test_distinct_experts_learns_locality_exponent():
     ex = DistinctExperts(64, 2)
     rng = np.random.default_rng(2)
