@@ -77,6 +77,18 @@ def timed_generate(eng, prompts, params):
     return tokens / wall, tpot, mean_k
 
 
+def interleaved(engines, prompts, params, reps):
+    """Each engine runs the prompts once untimed (warm-up; "auto" learns there),
+    then `reps` timed times, the order rotated by repetition: {policy: [samples]}."""
+    for eng in engines.values():
+        timed_generate(eng, prompts, params)
+    samples = {p: [] for p in engines}
+    for r in range(reps):
+        for p in rotate(list(engines), r):
+            samples[p].append(timed_generate(engines[p], prompts, params))
+    return samples
+
+
 def run_cell(runner, prompts, conts, batch, alpha, decay, ks, reps, new_tokens, seed, V):
     from specmoe import SamplingParams
     from specmoe.drafter import SyntheticProposer
@@ -84,14 +96,8 @@ def run_cell(runner, prompts, conts, batch, alpha, decay, ks, reps, new_tokens, 
 
     def factory():
         return SyntheticProposer(conts, alpha, decay, vocab_size=V, seed=seed)
-    engines = {}
-    for p in policies(ks):
-        engines[p] = make_engine(runner, p, factory)
-        timed_generate(engines[p], prompts, params)          # warm-up (and auto's first learning)
-    samples = {p: [] for p in engines}
-    for r in range(reps):
-        for p in rotate(list(engines), r):
-            samples[p].append(timed_generate(engines[p], prompts, params))
+    engines = {p: make_engine(runner, p, factory) for p in policies(ks)}
+    samples = interleaved(engines, prompts, params, reps)
     out = {}
     for p, xs in samples.items():
         out[p] = {"tokens_per_s": statistics.median(x[0] for x in xs), "tpot_ms": statistics.median(x[1] for x in xs),
@@ -177,11 +183,7 @@ def run_real(args, log):
                     engines[p] = Engine(runner, speculation={**spec, "k": max(KS), "auto": True})
                 else:
                     engines[p] = Engine(runner, speculation={**spec, "k": int(p[2:])})
-                timed_generate(engines[p], prompts, params)          # warm-up
-            samples = {p: [] for p in engines}
-            for r in range(args.reps):
-                for p in rotate(list(engines), r):
-                    samples[p].append(timed_generate(engines[p], prompts, params))
+            samples = interleaved(engines, prompts, params, args.reps)
             res = {p: statistics.median(x[0] for x in xs) for p, xs in samples.items()}
             mean_k = statistics.mean(x[2] for x in samples["auto"])
             for p, xs in samples.items():
