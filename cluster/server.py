@@ -120,9 +120,7 @@ class Servicer(pb_grpc.SpecMoEServicer):
             n_tokens += len(item.token_ids)
             msg = pb.GenerateChunk(token_ids=item.token_ids, text=item.text, draft_tokens=item.draft_tokens,
                                    accepted_tokens=item.accepted_tokens, finished=item.finished,
-                                   finish_reason=item.finish_reason or "",
-                                   # StreamChunk.k when the engine reports the chosen k, else what it drafted
-                                   k=getattr(item, "k", item.draft_tokens))
+                                   finish_reason=item.finish_reason or "", k=item.k)
             if first:
                 msg.prompt_tokens = len(ids)
                 first = False
@@ -157,7 +155,7 @@ class Servicer(pb_grpc.SpecMoEServicer):
             reply.in_flight = self.in_flight
         reply.max_in_flight = self.cfg.max_in_flight
         extra = {k: v for k, v in s.items() if k not in _STATS_FIELDS and k not in (
-            "acceptance_per_position", "k_histogram", "method", "cost_model_error", "tokens_per_rank")}
+            "acceptance_per_position", "k_histogram", "method", "cost_model_mape", "tokens_per_rank")}
         reply.extra_json = json.dumps(extra, default=str)
         return reply
 

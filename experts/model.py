@@ -95,8 +95,9 @@ class CausalLM(nn.Module):
         cos, sin = rope_tables(c, max_positions)
         if not c.rope.interleaved:   # the layers rotate half-split pairs with full-width tables
             cos, sin = rotary.full_width_tables(cos, sin)
-        self.register_buffer("rope_cos", cos.to(device), persistent=False)
-        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        # In the model dtype once here (an elementwise cast: the same values a per-forward cast gives).
+        self.register_buffer("rope_cos", cos.to(device, dtype), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device, dtype), persistent=False)
 
     @property
     def max_positions(self) -> int:
@@ -119,11 +120,9 @@ class CausalLM(nn.Module):
         # (T, 1, R/2), or (T, 1, R) full-width (half-split layout), in the model dtype,
         # broadcast over heads by every layer.
         if meta.pos_range is not None:   # one contiguous run: a view, no gather
-            cos, sin = (t[meta.pos_range[0]:meta.pos_range[1], None].to(self.dtype)
-                        for t in (self.rope_cos, self.rope_sin))
+            cos, sin = (t[meta.pos_range[0]:meta.pos_range[1], None] for t in (self.rope_cos, self.rope_sin))
         else:
-            cos = self.rope_cos[meta.positions, None].to(self.dtype)
-            sin = self.rope_sin[meta.positions, None].to(self.dtype)
+            cos, sin = self.rope_cos[meta.positions, None], self.rope_sin[meta.positions, None]
         for layer, layer_cache in zip(layers, cache.layers):
             x = layer.forward(x, meta, cos, sin, layer_cache)   # see DecoderLayer.forward
         return rms_norm(x, self.norm, self.config.rms_norm_eps)

@@ -25,7 +25,6 @@ import platform
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -169,16 +168,9 @@ class Server:
 def _machine() -> str:
     import ray
     import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from bench_forward import cpu_model
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {os.cpu_count()} cores, no GPU used (device cpu); load average {load:.1f} at start; "
+    return (f"{cpu_model()}, {os.cpu_count()} cores, no GPU used (device cpu); load average {load:.1f} at start; "
             f"Python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}")
 
 
