@@ -121,7 +121,8 @@ class ServeMetrics:
             for d in report.distinct_experts:
                 m["specmoe_distinct_experts"].observe(d)
             self._inc("specmoe_expert_loads", sum(report.distinct_experts))
-            self._inc("specmoe_moe_layer_steps", len(report.distinct_experts))
+            # MoE layers only: a dense layer's entry is 0 (a MoE layer reads at least top_k experts)
+            self._inc("specmoe_moe_layer_steps", sum(1 for d in report.distinct_experts if d))
             if report.tokens_per_expert:
                 for e, n in enumerate(sum(col) for col in zip(*report.tokens_per_expert)):
                     self._inc("specmoe_expert_tokens", n, {"expert": str(e)})
