@@ -119,7 +119,8 @@ class ServeMetrics:
                 m["specmoe_step_seconds"].observe(s, tags={"phase": phase})
             m["specmoe_step_seconds"].observe(report.step_s, tags={"phase": "total"})
             for d in report.distinct_experts:
-                m["specmoe_distinct_experts"].observe(d)
+                if d:                   # MoE layers only
+                    m["specmoe_distinct_experts"].observe(d)
             self._inc("specmoe_expert_loads", sum(report.distinct_experts))
             # MoE layers only: a dense layer's entry is 0 (a MoE layer reads at least top_k experts)
             self._inc("specmoe_moe_layer_steps", sum(1 for d in report.distinct_experts if d))
