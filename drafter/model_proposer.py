@@ -25,7 +25,7 @@ from ..experts.batch import Chunk
 from ..experts.checkpoint import read_checkpoint
 from ..experts.config import ModelConfig
 from ..experts.runner import ModelRunner
-from ..kernels.sampling import greedy, probs_from_logits, sample
+from ..kernels.sampling import probs_from_logits, sample
 from .base import DraftInput, Proposal, Proposer
 
 
@@ -101,8 +101,13 @@ class ModelProposer(Proposer):
         if seq is not None:
             self.cache.free(seq.slot)
 
-    def _run(self, chunks: list[Chunk]) -> torch.Tensor:
-        return self.runner.run(chunks, cache=self.cache, layer_ids=self.layer_ids).logits   # (B, V)
+    def _run(self, chunks: list[Chunk], inputs: list[DraftInput]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each chunk's last-token argmax (B,) and the logits rows of the sampled
+        inputs only (greedy drafts need no more, which under EP keeps their
+        rows off the control plane)."""
+        out = self.runner.run(chunks, cache=self.cache, layer_ids=self.layer_ids,
+                              full=[inp.temperature > 0 for inp in inputs])
+        return out.argmax, out.logits
 
     def propose(self, inputs: list[DraftInput]) -> list[Proposal]:
         ids = [inp.req_id for inp in inputs]
@@ -130,9 +135,9 @@ class ModelProposer(Proposer):
             return out
         drafts: dict[int, list[int]] = {i: [] for i in live}
         rows: dict[int, list[torch.Tensor]] = {i: [] for i in live}
-        logits = self._run(chunks)
+        best, logits = self._run(chunks, [inputs[i] for i in live])
         while True:
-            for i, tok, row in zip(live, *self._pick(logits, [inputs[i] for i in live])):
+            for i, tok, row in zip(live, *self._pick(best, logits, [inputs[i] for i in live])):
                 drafts[i].append(tok)
                 if row is not None:
                     rows[i].append(row)
@@ -140,8 +145,9 @@ class ModelProposer(Proposer):
             if not live:
                 break
             # Feed each request's newest draft at the position after the last one cached.
-            logits = self._run([Chunk(self._seqs[inputs[i].req_id].slot,
-                                      len(inputs[i].tokens) + len(drafts[i]) - 1, [drafts[i][-1]]) for i in live])
+            best, logits = self._run([Chunk(self._seqs[inputs[i].req_id].slot,
+                                            len(inputs[i].tokens) + len(drafts[i]) - 1, [drafts[i][-1]])
+                                      for i in live], [inputs[i] for i in live])
         for i, d in drafts.items():
             inp = inputs[i]
             seq = self._seqs[inp.req_id]
@@ -150,17 +156,20 @@ class ModelProposer(Proposer):
             out[i] = Proposal(d, torch.stack(rows[i]) if rows[i] else None)
         return out
 
-    def _pick(self, logits: torch.Tensor, inputs: list[DraftInput]) -> tuple[list[int], list[torch.Tensor | None]]:
-        """logits (B, V) -> one draft token per row, and the distribution it was
-        drawn from ((V,) float32) for sampled rows, None for greedy ones."""
-        toks = greedy(logits)                                          # (B,)
+    def _pick(self, best: torch.Tensor, logits: torch.Tensor,
+              inputs: list[DraftInput]) -> tuple[list[int], list[torch.Tensor | None]]:
+        """best (B,) argmax, logits (sampled inputs' rows, V) -> one draft token
+        per input, and the distribution it was drawn from ((V,) float32) for
+        sampled inputs, None for greedy ones."""
+        toks = best.clone()                                            # (B,)
         probs: list[torch.Tensor | None] = [None] * len(inputs)
-        if any(inp.temperature > 0 for inp in inputs):
-            for b, inp in enumerate(inputs):
-                if inp.temperature > 0:
-                    p = probs_from_logits(logits[b:b + 1], inp.temperature, inp.top_k, inp.top_p)   # (1, V)
-                    toks[b] = sample(p, inp.generator)[0]
-                    probs[b] = p[0]
+        j = 0
+        for b, inp in enumerate(inputs):
+            if inp.temperature > 0:
+                p = probs_from_logits(logits[j:j + 1], inp.temperature, inp.top_k, inp.top_p)   # (1, V)
+                toks[b] = sample(p, inp.generator)[0]
+                probs[b] = p[0]
+                j += 1
         return toks.tolist(), probs                                    # one host sync per draft position
 
 

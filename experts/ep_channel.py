@@ -197,7 +197,8 @@ class RouterChannel:
         order of spans[r], each (first row, rows). on_poll runs whenever poll_s
         passes with nothing new (a liveness check). Raises ChannelError for a
         closed connection or a failed step, TimeoutError past timeout_s."""
-        flat = memoryview(logits.numpy()).cast("B")
+        # (0, V) when no row is wanted in full (every request greedy); memoryview refuses to cast that
+        flat = memoryview(logits.numpy().reshape(-1)).cast("B") if logits.numel() else memoryview(b"")
         row = logits.shape[1] * logits.element_size()
         out: list = [None] * self.W
         pending = self.W

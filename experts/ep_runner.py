@@ -35,7 +35,7 @@ from .checkpoint import DTYPES, read_checkpoint
 from .ep_channel import ChannelError, RouterChannel
 from .ep_worker import ChunkMsg, EPWorker, StepPlan, StepResult
 from .placement import balanced, contiguous
-from .runner import StepOutput
+from .runner import StepOutput, check_full, rows_per_chunk
 from .stats import RoutingSnapshot
 
 log = logging.getLogger(__name__)
@@ -391,8 +391,9 @@ class EPRunner:
 
     def run(self, chunks: list[Chunk], all_logits: bool = False, routing: bool = False,
             num_logits: list[int] | None = None, cache: EPSlots | None = None,
-            layer_ids: list[int] | None = None) -> StepOutput:
-        """ModelRunner.run over the workers: same arguments, same logits rows."""
+            layer_ids: list[int] | None = None, full: list[bool] | None = None) -> StepOutput:
+        """ModelRunner.run over the workers: same arguments, same logits rows
+        (and with `full`, the same argmax; only the full chunks' rows travel)."""
         t0 = time.perf_counter()
         cache = cache or self.cache
         if self._caches.get(cache.id) is not cache:
@@ -413,10 +414,12 @@ class EPRunner:
             for c, n in zip(chunks, num_logits):
                 if not 1 <= n <= len(c.tokens):
                     raise ValueError(f"num_logits {n} outside 1..{len(c.tokens)} for a chunk of {len(c.tokens)}")
-        spans, num_rows = self._layout(chunks, num_logits, all_logits)
+        check_full(full, len(chunks))
+        rows = rows_per_chunk(chunks, num_logits, all_logits)
+        spans, num_rows = self._layout(chunks, rows, full)
         self._step += 1
         plan = _encode.encode(StepPlan(self._step, [ChunkMsg(c.slot, c.start, c.tokens) for c in chunks],
-                                       num_logits, all_logits, cache.id, layer_ids, routing))
+                                       num_logits, all_logits, cache.id, layer_ids, routing, full))
         t1 = time.perf_counter()
         if self._error:
             raise EPWorkerError(self._error)
@@ -436,23 +439,31 @@ class EPRunner:
         res = [_decode_result.decode(b) for b in raw]
         if self._channel is None:
             logits = self._place([torch.frombuffer(r.logits, dtype=torch.float32).view(-1, V) if r.rows else None
-                                  for r in res], spans, num_rows)
+                                  for r in res], spans, num_rows, V)
+        argmax = None
+        if full is not None:
+            every, total = self._layout(chunks, rows, None)
+            argmax = self._place([torch.frombuffer(r.argmax, dtype=torch.int32) if r.argmax else None for r in res],
+                                 every, total).long()
         if self._remote_device:
             logits = logits.to(self.model.device)
-        out = StepOutput(logits=logits, routing=self._routing(res) if routing else None)
+            argmax = None if argmax is None else argmax.to(self.model.device)
+        out = StepOutput(logits=logits, routing=self._routing(res) if routing else None, argmax=argmax)
         t4 = time.perf_counter()
         out.extra.update(self._measurements(res, t4 - t0, (t1 - t0) + (t4 - t2), t2 - t1))
         return out
 
-    def _layout(self, chunks, num_logits, all_logits) -> tuple[list[list[tuple[int, int]]], int]:
-        """Where each rank's logits rows go: per rank, (first output row, rows)
-        spans in the order the rank sends them (its chunks in plan order),
-        adjacent spans merged; and the number of output rows."""
+    def _layout(self, chunks, rows: list[int], full: list[bool] | None) -> tuple[list[list[tuple[int, int]]], int]:
+        """Where each rank's rows go: per rank, (first output row, rows) spans
+        in the order the rank sends them (its chunks in plan order; with
+        `full`, its full chunks only), adjacent spans merged; and the number of
+        output rows."""
         W = self.W
         spans: list[list[tuple[int, int]]] = [[] for _ in range(W)]
         row = 0
-        for i, c in enumerate(chunks):
-            n = len(c.tokens) if all_logits else (num_logits[i] if num_logits is not None else 1)
+        for i, (c, n) in enumerate(zip(chunks, rows)):
+            if full is not None and not full[i]:
+                continue
             mine = spans[c.slot % W]
             if mine and mine[-1][0] + mine[-1][1] == row:
                 mine[-1] = (mine[-1][0], mine[-1][1] + n)
@@ -462,11 +473,13 @@ class EPRunner:
         return spans, row
 
     @staticmethod
-    def _place(blocks: list[torch.Tensor | None], spans, num_rows: int) -> torch.Tensor:
-        """The output rows from each rank's block (its rows, in its spans' order)."""
-        if len(blocks) == 1:
+    def _place(blocks: list[torch.Tensor | None], spans, num_rows: int, *row_shape: int) -> torch.Tensor:
+        """The output rows (num_rows, *row_shape) from each rank's block (its
+        rows, in its spans' order; None for a rank without rows)."""
+        if len(blocks) == 1 and blocks[0] is not None:
             return blocks[0]
-        out = torch.empty(num_rows, next(b for b in blocks if b is not None).shape[1])
+        dtype = next((b.dtype for b in blocks if b is not None), torch.float32)
+        out = torch.empty(num_rows, *row_shape, dtype=dtype)
         for block, mine in zip(blocks, spans):
             at = 0
             for row, n in mine:

@@ -44,6 +44,7 @@ class StepPlan(msgspec.Struct, frozen=True):
     cache: int = 0                          # 0 = the main KV cache, else a cache from new_cache
     layer_ids: list[int] | None = None      # a subset of layers (self-speculative drafting)
     routing: bool = False                   # send tokens-per-expert back
+    full: list[bool] | None = None          # per chunk: logits rows in full, or only their argmax
 
 
 class StepResult(msgspec.Struct, frozen=True):
@@ -59,6 +60,7 @@ class StepResult(msgspec.Struct, frozen=True):
     a2a_bytes_in: list[int]
     expert_s: list[float]                   # per MoE layer: grouped expert compute seconds
     tokens_per_expert: list[list[int]] = []   # (layers, E_local) rows each local expert computed
+    argmax: bytearray = bytearray()         # with plan.full: every row's argmax, int32, chunks in plan order
 
 
 _decode_plan = msgspec.msgpack.Decoder(StepPlan)
@@ -174,10 +176,14 @@ class EPWorker:
         chunks = [Chunk(plan.chunks[i].slot // self.W, plan.chunks[i].start, plan.chunks[i].tokens) for i in mine]
         cache = self.caches[plan.cache]
         self.model.routing_stats.reset()
+        argmax = bytearray()
         if chunks:
             out = self.runner.run(chunks, all_logits=plan.all_logits, cache=cache, layer_ids=plan.layer_ids,
-                                  num_logits=None if plan.num_logits is None else [plan.num_logits[i] for i in mine])
+                                  num_logits=None if plan.num_logits is None else [plan.num_logits[i] for i in mine],
+                                  full=None if plan.full is None else [plan.full[i] for i in mine])
             logits = out.logits.float().cpu().contiguous()
+            if out.argmax is not None:
+                argmax = bytearray(out.argmax.to(torch.int32).cpu().numpy().tobytes())
         else:
             self._idle(plan.layer_ids)
             logits = torch.empty(0, self.model.config.vocab_size)
@@ -191,7 +197,7 @@ class EPWorker:
                          a2a_s=[x.a2a_s for x in log], a2a_sync_s=[x.sync_s for x in log],
                          a2a_bytes_out=[x.bytes_out for x in log],
                          a2a_bytes_in=[x.bytes_in for x in log], expert_s=[x.expert_s for x in log],
-                         tokens_per_expert=tpe)
+                         tokens_per_expert=tpe, argmax=argmax)
         return res, logits
 
     @torch.inference_mode()

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels.sampling import greedy
 from .batch import BatchMeta, Chunk
 from .cache import KVCache
 from .checkpoint import Checkpoint, load_model
@@ -17,9 +18,33 @@ from .stats import RoutingSnapshot
 
 @dataclass
 class StepOutput:
-    logits: torch.Tensor            # (rows, V) float32: every token's, or each chunk's last
+    logits: torch.Tensor            # (rows, V) float32: every token's, or each chunk's last; with `full`,
+                                    # only the rows of chunks marked full
     routing: RoutingSnapshot | None
     extra: dict = field(default_factory=dict)   # runner-specific measurements (EP: all-to-all time, bytes)
+    argmax: torch.Tensor | None = None          # (rows,) int64, every row's argmax; only with `full`
+
+
+def rows_per_chunk(chunks: list[Chunk], num_logits: list[int] | None, all_logits: bool) -> list[int]:
+    """How many logits rows each chunk gets (see ModelRunner.run)."""
+    if all_logits:
+        return [len(c.tokens) for c in chunks]
+    return list(num_logits) if num_logits is not None else [1] * len(chunks)
+
+
+def check_full(full: list[bool] | None, num_chunks: int) -> None:
+    if full is not None and len(full) != num_chunks:
+        raise ValueError(f"full has {len(full)} entries for {num_chunks} chunks")
+
+
+def full_rows(full: list[bool], rows: list[int]) -> list[int]:
+    """Indices of the logits rows that belong to chunks marked full."""
+    out, at = [], 0
+    for f, n in zip(full, rows):
+        if f:
+            out.extend(range(at, at + n))
+        at += n
+    return out
 
 
 class ModelRunner:
@@ -42,12 +67,19 @@ class ModelRunner:
 
     def run(self, chunks: list[Chunk], all_logits: bool = False, routing: bool = False,
             num_logits: list[int] | None = None, cache: KVCache | None = None,
-            layer_ids: list[int] | None = None) -> StepOutput:
+            layer_ids: list[int] | None = None, full: list[bool] | None = None) -> StepOutput:
         """Append each chunk to its slot and return logits, in chunk order: for
         every new token (all_logits), for the last num_logits[i] tokens of chunk
         i, or for each chunk's last token. `cache` and `layer_ids` run a subset
-        of the layers over another cache (self-speculative drafting)."""
+        of the layers over another cache (self-speculative drafting).
+
+        `full` (one flag per chunk) says whose rows are wanted in full (a
+        sampled request); the others need only their argmax (greedy). With it,
+        `argmax` holds every row's argmax and `logits` only the full chunks'
+        rows, in chunk order: under expert parallelism the greedy rows then
+        cross the control plane as 4 bytes instead of 4 V."""
         cache = cache or self.cache
+        check_full(full, len(chunks))
         for c in chunks:
             if not 0 <= c.slot < cache.num_slots:
                 raise ValueError(f"chunk slot {c.slot} outside 0..{cache.num_slots - 1}")
@@ -69,4 +101,11 @@ class ModelRunner:
         elif not all_logits:
             hidden = hidden.index_select(0, meta.last_index)
         logits = self.model.logits(hidden)
-        return StepOutput(logits=logits, routing=self.model.routing_stats.snapshot() if routing else None)
+        argmax = None
+        if full is not None:
+            argmax = greedy(logits)
+            if not all(full):
+                keep = full_rows(full, rows_per_chunk(chunks, num_logits, all_logits))
+                logits = logits.index_select(0, torch.tensor(keep, dtype=torch.long, device=device))
+        return StepOutput(logits=logits, routing=self.model.routing_stats.snapshot() if routing else None,
+                          argmax=argmax)

@@ -336,22 +336,26 @@ class Engine:
             r = s.req
             chunks.append(Chunk(r.slot, r.num_cached, r.tokens[r.num_cached:r.num_cached + s.num_new] + d))
             rows.append(1 if s.partial else len(d) + 1)
-        out = self.runner.run(chunks, num_logits=rows, routing=True)
+        # Sampled requests need their logits rows; greedy ones (and a prompt's
+        # unfinished parts) only the argmax, which is all that crosses the EP
+        # control plane for them. One host transfer of the argmax per step.
+        full = [s.req.params.temperature > 0 and not s.partial for s in plan]
+        out = self.runner.run(chunks, num_logits=rows, routing=True, full=full)
         logits = out.logits
-        # Greedy requests need only the argmax: one host transfer for the whole batch.
-        best = logits.argmax(dim=-1).tolist() if any(s.req.params.temperature == 0 for s in plan) else []
+        best = out.argmax.tolist()
         t3 = time.perf_counter()
         report = StepReport(num_requests=len(plan), num_tokens=sum(len(c.tokens) for c in chunks))
-        events, results, at = [], [], 0
-        for s, n, d in zip(plan, rows, drafts):
+        events, results, at, full_at = [], [], 0, 0
+        for s, n, d, f in zip(plan, rows, drafts, full):
             r = s.req
-            block, ids, at = logits[at:at + n], best[at:at + n], at + n
+            ids, at = best[at:at + n], at + n
             if s.partial:
                 r.num_cached += s.num_new
                 continue
             prop = proposals.get(r.id)
-            if r.params.temperature > 0:
+            if f:
                 p = r.params
+                block, full_at = logits[full_at:full_at + n], full_at + n
                 probs = probs_from_logits(block, p.temperature, p.top_k, p.top_p)
                 q = prop.probs[:len(d)] if prop is not None and prop.probs is not None else None
                 accepted, nxt = verify_sampling(probs, d, q, r.generator)

@@ -4,7 +4,7 @@ graph), and the all-to-all through plain torch.distributed vs deepspeed.comm.
 
     .venv/bin/python scripts/bench_ep.py [--model DIR] [--ep 1,2,4] [--batch 1,4,16,64]
         [--steps 20] [--prompt-len 32] [--control socket,actor,compiled] [--comm torch,deepspeed]
-        [--cpus-per-worker 0.5] [--json PATH]
+        [--cpus-per-worker 0.5] [--rows argmax,full] [--json PATH]
 
 --model defaults to moe-bench (scripts/make_moe_bench.py; built into
 .cache/moe-bench when missing). Every configuration (EP degree x control x
@@ -13,7 +13,10 @@ embedded single-process ModelRunner is the baseline. For each batch size B every
 configuration prefills B random prompts of --prompt-len tokens (untimed), then
 the timed decode steps run INTERLEAVED: step i of every configuration before
 step i + 1 of any, so machine noise hits all alike. Each step feeds one random
-token per sequence through runner.run (the engine's call), and reads:
+token per sequence through runner.run as the engine calls it, once per
+--rows mode (each on its own slots): "argmax" as for greedy requests (only
+each row's argmax comes back from the workers, 4 bytes), "full" as for
+sampled ones (the whole logits row, 4 V bytes), and reads:
 
 - step: the router's wall time of run();
 - control plane: step minus the slowest worker's own time (plan encode/send,
@@ -54,8 +57,9 @@ def med(xs):
 
 
 class Config:
-    def __init__(self, name, runner, embedded=False):
+    def __init__(self, name, runner, embedded=False, full_rows=True):
         self.name, self.runner, self.embedded = name, runner, embedded
+        self.full_rows = full_rows  # the engine's full= flag for every sequence (sampled: True, greedy: False)
         self.rows = {}         # batch -> list of per-step dicts
 
     def prefill(self, prompts):
@@ -73,7 +77,7 @@ class Config:
         from specmoe.experts.batch import Chunk
         chunks = [Chunk(s, self.pos, [t]) for s, t in zip(self.slots, tokens)]
         t0 = time.perf_counter()
-        out = self.runner.run(chunks, routing=True)
+        out = self.runner.run(chunks, routing=True, full=[self.full_rows] * B)
         dt = time.perf_counter() - t0
         self.pos += 1
         row = {"step_s": dt}
@@ -101,12 +105,15 @@ def main():
     ap.add_argument("--comm", default="torch,deepspeed")
     ap.add_argument("--cpus-per-worker", type=float, default=0.5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rows", default="argmax,full", help="logits rows back per sequence: argmax (greedy), full")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
     eps = [int(x) for x in a.ep.split(",")]
     batches = [int(x) for x in a.batch.split(",")]
-    controls, comms = a.control.split(","), a.comm.split(",")
+    controls, comms, modes = a.control.split(","), a.comm.split(","), a.rows.split(",")
+    if not modes or set(modes) - {"argmax", "full"}:
+        ap.error(f"--rows {a.rows!r}: expected a list of argmax, full")
     if "deepspeed" in comms:
         try:
             import deepspeed  # noqa: F401
@@ -122,7 +129,7 @@ def main():
 
     from specmoe.experts.ep_runner import EPRunner
     from specmoe.experts.runner import ModelRunner
-    max_seqs = max(batches)
+    max_seqs = max(batches) * len(modes)        # each mode on its own slots
     max_len = a.prompt_len + a.warmup + a.steps + 1
     print("command:", " ".join(shlex.quote(x) for x in [".venv/bin/python", "scripts/bench_ep.py", *sys.argv[1:]]))
     print(f"machine: {os.cpu_count()} cores, {cpu_model()}, device {a.device}, torch {torch.__version__}, "
@@ -133,13 +140,14 @@ def main():
     workers = sum(ep for ep, _, _ in setups)
     ray.init(address="local", num_cpus=int(workers * a.cpus_per_worker) + 2,
              include_dashboard=False, logging_level="ERROR")
-    configs = [Config("embedded", ModelRunner.from_pretrained(model, device=a.device, max_seqs=max_seqs,
-                                                              max_seq_len=max_len), embedded=True)]
+    emb = ModelRunner.from_pretrained(model, device=a.device, max_seqs=max_seqs, max_seq_len=max_len)
+    configs = [Config(f"embedded {m}", emb, embedded=True, full_rows=m == "full") for m in modes]
     try:
         for ep, control, comm in setups:
             r = EPRunner.from_pretrained(model, ep=ep, device=a.device, max_seqs=max_seqs, max_seq_len=max_len,
                                          num_cpus_per_worker=a.cpus_per_worker, control=control, comm=comm)
-            configs.append(Config(f"EP={ep} {control}" + (f" {comm}" if comm != "torch" else ""), r))
+            name = f"EP={ep} {control}" + (f" {comm}" if comm != "torch" else "")
+            configs += [Config(f"{name} {m}", r, full_rows=m == "full") for m in modes]
         V = configs[0].runner.config.vocab_size
         g = torch.Generator().manual_seed(0)
         for B in batches:
@@ -175,27 +183,29 @@ def fmt(xs):
 
 def report(configs, batches):
     print("\nmedian ms per decode step (slowest rank's breakdown); a2a KiB = all-to-all bytes over all ranks")
-    print(f"{'config':<24}{'B':>4}{'step':>9}{'ctrl':>8}{'a2a':>8}{'(wait)':>8}{'experts':>9}{'attn+dense':>11}"
+    print(f"{'config':<30}{'B':>4}{'step':>9}{'ctrl':>8}{'a2a':>8}{'(wait)':>8}{'experts':>9}{'attn+dense':>11}"
           f"{'a2a KiB':>9}{'distinct':>9}{'x embedded':>11}")
     for B in batches:
-        base = med([r["step_s"] for r in configs[0].rows[B]])
+        base = {c.full_rows: med([r["step_s"] for r in c.rows[B]]) for c in configs if c.embedded}
         for c in configs:
             rows = c.rows[B]
             f = {k: med([r[k] for r in rows]) for k in rows[0]}
             ms = lambda k: f"{1e3 * f[k]:.2f}" if k in f else "-"  # noqa: E731
             kib = f"{f['a2a_bytes'] / 1024:.0f}" if "a2a_bytes" in f else "-"
             dist = f"{f['distinct']:.1f}" if "distinct" in f else "-"
-            print(f"{c.name:<24}{B:>4}{ms('step_s'):>9}{ms('control_s'):>8}{ms('a2a_s'):>8}{ms('sync_s'):>8}"
+            print(f"{c.name:<30}{B:>4}{ms('step_s'):>9}{ms('control_s'):>8}{ms('a2a_s'):>8}{ms('sync_s'):>8}"
                   f"{ms('expert_s'):>9}"
-                  f"{ms('attn_dense_s'):>11}{kib:>9}{dist:>9}{f['step_s'] / base:>11.2f}")
+                  f"{ms('attn_dense_s'):>11}{kib:>9}{dist:>9}{f['step_s'] / base[c.full_rows]:>11.2f}")
     print("\ncontrol plane per step, ms: median (p90) over all batches, then per batch (goal <= 1 ms median):")
-    for c in configs[1:]:
+    for c in configs:
+        if c.embedded:
+            continue
         cp = [r["control_s"] for B in batches for r in c.rows[B]]
         own = [r["router_s"] for B in batches for r in c.rows[B]]
         per_b = ", ".join(f"B={B} {fmt([r['control_s'] for r in c.rows[B]])}" for B in batches)
         print(f"  {c.name:<24}{fmt(cp)}; router's own work {1e3 * med(own):.3f}, "
               f"transport {1e3 * med([x - y for x, y in zip(cp, own)]):.3f}; {per_b}")
-    ds = [c for c in configs if c.name.endswith("deepspeed")]
+    ds = [c for c in configs if " deepspeed " in c.name]
     for d in ds:
         ref = next(c for c in configs if c.name == d.name.replace(" deepspeed", ""))
         print(f"all-to-all time {d.name} / {ref.name}: " + ", ".join(

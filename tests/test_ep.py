@@ -232,6 +232,19 @@ def test_logits_and_routing_equal_single_process(ep, control, runners, target):
         assert (out_bytes == 0).all() if ep == 1 else (out_bytes > 0).all()
     eng = Engine(runner)
     torch.testing.assert_close(eng.logits(PROMPTS[3]), Engine(ref).logits(PROMPTS[3]), atol=1e-5, rtol=0)
+    # With `full`, every row's argmax comes back and only the full chunks' rows
+    # travel (here a rank has none of them in some masks).
+    chunks, rows = _ragged_steps()[1]
+    every = ref.run(chunks, num_logits=rows).logits
+    for full in ([True, False, True], [False, False, False], [False, True, False], [True, True, True]):
+        got = runner.run(chunks, num_logits=rows, full=full)
+        assert torch.equal(got.argmax, every.argmax(dim=-1))
+        keep = [r for f, lo, n in zip(full, [0, 3, 4], rows) if f for r in range(lo, lo + n)]
+        torch.testing.assert_close(got.logits, every[keep], atol=1e-5, rtol=0)
+        want = ref.run(chunks, num_logits=rows, full=full)
+        assert torch.equal(want.argmax, got.argmax) and torch.equal(want.logits, every[keep])
+    with pytest.raises(ValueError, match="full has 2 entries for 3 chunks"):
+        runner.run(chunks, num_logits=rows, full=[True, False])
 
 
 def test_deepseek_mla_shared_experts_logits_at_ep2_and_close_releases_workers(ray_cluster, deepseek):
@@ -359,6 +372,20 @@ def test_seeded_sampling_with_a_draft_model_equals_single_process(runners, targe
     got = Engine(runners(2), speculation=spec).generate(PROMPTS, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert sum(o.stats.accepted_tokens for o in got) > 0
+
+
+def test_greedy_and_sampled_requests_in_one_step_under_ep(runners, target):
+    """Greedy requests' rows come back as their argmax only, sampled ones' in
+    full, from the target and from the layer-skip drafter on the workers:
+    a batch alternating the two, seeded, equals the single-process engine."""
+    spec = {"method": "layer_skip", "k": 3, "layers": 2}
+    params = [SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True,
+                             **({"temperature": 0.8, "top_p": 0.95, "seed": i} if i % 2 else {}))
+              for i in range(len(PROMPTS))]
+    want = Engine.from_pretrained(target, max_batch=8, max_seq_len=128, speculation=spec).generate(PROMPTS, params)
+    got = Engine(runners(2), speculation=spec).generate(PROMPTS, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert all(o.stats.draft_tokens > 0 for o in got)
 
 
 # ---- two nodes, balanced placement -----------------------------------------------------------------------------

@@ -147,6 +147,22 @@ def test_stop_token_ids_cut_inside_an_accepted_run(target, plain):
     assert out.token_ids == want[0][:first + 1] and out.finish_reason == "stop"
 
 
+@pytest.mark.parametrize("kind", ["ngram", "draft_model", "layer_skip"])
+def test_greedy_and_sampled_requests_share_a_step(kind, target, draft, plain):
+    """Sampled requests get their own logits rows, greedy ones only the argmax
+    (runner.run(full=...)): with top_k=1 a sampled request is greedy in
+    distribution, so a batch alternating the two must reproduce the plain
+    output; a row handed to the wrong request would not."""
+    ref_eng, want = plain
+    eng = spec_engine(kind, 3, target, draft)
+    params = [SamplingParams(max_tokens=64, ignore_eos=True, **({"temperature": 0.7, "top_k": 1, "seed": i}
+                                                              if i % 2 else {})) for i in range(len(PROMPTS))]
+    outs = eng.generate(PROMPTS, params)
+    for p, w, o in zip(PROMPTS, want, outs):
+        assert_same_or_near_tie(ref_eng, p, w, o.token_ids)
+    assert sum(o.stats.accepted_tokens for o in outs[1::2]) > 0       # the sampled ones drafted and verified
+
+
 def test_seeded_sampling_is_reproducible_with_and_without_speculation(target, draft):
     for spec in (None, {"method": "draft_model", "k": 3, "draft_model": str(draft)}):
         eng = Engine.from_pretrained(target, max_batch=8, max_seq_len=256, speculation=spec)
