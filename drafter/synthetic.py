@@ -29,16 +29,24 @@ class SyntheticProposer(Proposer):
     tokens from the coins alone).
 
     continuations: prompt token tuple -> true continuation. When several
-    prompts prefix the tokens, the longest wins.
+    prompts prefix the tokens, the longest wins. prompt_alpha: prompt token
+    tuple -> that prompt's own alpha (requests of differing acceptance in one
+    batch, as copy-heavy and free-text requests are); other prompts use alpha.
     """
 
     name = "synthetic"
     synthetic = True
 
     def __init__(self, continuations: dict[tuple[int, ...], list[int]], alpha: float, decay: float = 1.0, *,
-                 vocab_size: int, seed: int = 0):
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"synthetic drafter: alpha must be in [0, 1], got {alpha}")
+                 vocab_size: int, seed: int = 0, prompt_alpha: dict[tuple[int, ...], float] | None = None):
+        prompt_alpha = {tuple(p): a for p, a in (prompt_alpha or {}).items()}
+        for a in (alpha, *prompt_alpha.values()):
+            if not 0.0 <= a <= 1.0:
+                raise ValueError(f"synthetic drafter: alpha must be in [0, 1], got {a}")
+        unknown = [p for p in prompt_alpha if tuple(p) not in {tuple(c) for c in continuations}]
+        if unknown:
+            raise ValueError(f"synthetic drafter: prompt_alpha names {len(unknown)} prompt(s) without a "
+                             f"continuation, e.g. {unknown[0][:8]}...")
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"synthetic drafter: decay must be in [0, 1], got {decay}")
         if vocab_size < 2:
@@ -52,6 +60,7 @@ class SyntheticProposer(Proposer):
         self._lengths = sorted({len(p) for p in self.continuations}, reverse=True)
         self.alpha, self.decay, self.vocab_size, self.seed = alpha, decay, vocab_size, seed
         self._prompt_index = {p: n for n, p in enumerate(self.continuations)}
+        self._alpha_of = {self._prompt_index[p]: a for p, a in prompt_alpha.items()}   # prompt index -> alpha
         self._runs: Counter = Counter()       # prompt -> requests seen with it
         self._run_of: dict[int, tuple[int, int]] = {}     # request id -> (prompt index, run)
         self._asked: dict[int, Counter] = {}  # request id -> {i: proposals made there}
@@ -88,11 +97,12 @@ class SyntheticProposer(Proposer):
             asked = seen[i]
             seen[i] += 1
             rng = random.Random(f"{self.seed}/{run[0]}/{run[1]}/{i}/{asked}")
+            alpha = self._alpha_of.get(pidx, self.alpha)
             tokens = []
             for j in range(k):
                 u, r = rng.random(), rng.randrange(self.vocab_size - 1)
                 # A miss is shifted by 1..V-1 from the true token: never equal to it.
-                tokens.append(cont[i + j] if u < self.alpha * self.decay ** j
+                tokens.append(cont[i + j] if u < alpha * self.decay ** j
                               else (cont[i + j] + 1 + r) % self.vocab_size)
             out.append(Proposal(tokens))
         return out

@@ -295,6 +295,29 @@ def test_synthetic_coins_are_common_to_engines_and_fresh_per_run():
     assert second != first
 
 
+def test_synthetic_per_prompt_alpha():
+    """prompt_alpha gives a prompt its own acceptance; the others keep alpha."""
+    other = (9, 8, 7, 6)
+    prop = SyntheticProposer({PROMPT: CONT, other: CONT}, alpha=0.5, vocab_size=VOCAB, seed=2,
+                             prompt_alpha={PROMPT: 1.0, other: 0.0})
+    for rid in range(20):
+        good, bad = ask(prop, (2 * rid, list(PROMPT) + CONT[:1], 5), (2 * rid + 1, list(other) + CONT[:1], 5))
+        assert good == CONT[1:6] and all(a != b for a, b in zip(bad, CONT[1:6]))
+        prop.release(2 * rid), prop.release(2 * rid + 1)
+    half = SyntheticProposer({PROMPT: CONT, other: CONT}, alpha=0.5, vocab_size=VOCAB, seed=2,
+                             prompt_alpha={PROMPT: 1.0})
+    hits = 0
+    for rid in range(400):
+        [d] = ask(half, (rid, list(other) + CONT[:1], 1))
+        hits += d == CONT[1:2]
+        half.release(rid)
+    assert abs(hits / 400 - 0.5) < 4 * (0.25 / 400) ** 0.5
+    with pytest.raises(ValueError, match="alpha must be in"):
+        SyntheticProposer({PROMPT: CONT}, alpha=0.5, vocab_size=VOCAB, prompt_alpha={PROMPT: 2.0})
+    with pytest.raises(ValueError, match="without a continuation"):
+        SyntheticProposer({PROMPT: CONT}, alpha=0.5, vocab_size=VOCAB, prompt_alpha={other: 0.5})
+
+
 def test_synthetic_errors():
     prop = SyntheticProposer({PROMPT: CONT}, alpha=0.5, vocab_size=VOCAB)
     with pytest.raises(ValueError, match="none of the 1 known prompts"):
