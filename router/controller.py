@@ -219,9 +219,12 @@ class Controller:
         Scalar Python over at most B * k_max candidates per round: cheaper
         than array code at the sizes a step has."""
         cost, ex = self.cost, self.cost.experts
-        c0, c_seq, c_tok, c_exp, c_attn, c_a2a = (float(v) for v in cost.c)
+        c0, c_seq, c_tok, c_exp, c_attn, c_a2a, c_past = (float(v) for v in cost.c)
         d_any, d_seq, d_tok, d_depth, d_lag = (float(v) for v in cost.d)
-        c_tok += c_a2a * cost.a2a_mb_per_token
+        # tokens: c_tok each up to the knee, c_past each beyond (+ the all-to-all's share of every one):
+        # c_tok * min(n, knee) + c_past * max(n - knee, 0) = c_past * n + (c_tok - c_past) * min(n, knee)
+        knee, c_a2a = cost.knee, c_a2a * cost.a2a_mb_per_token
+        c_lin, c_bend = c_past + c_a2a, c_tok - c_past
         beta, distinct = ex.beta, ex.predict_from_neff       # distinct experts per layer from n_eff
         exp_scale = c_exp * cost.moe_layers / cost.ep
         ids = [sched[i].req.id for i in auto]
@@ -252,7 +255,7 @@ class Controller:
         fixed_t = c0 + c_seq * len(qs)
 
         def price(n_, neff_, attn_, drafting_, dtok_, depth_, lag_):
-            t = fixed_t + c_tok * n_ + exp_scale * distinct(neff_) + c_attn * attn_
+            t = fixed_t + c_lin * n_ + c_bend * min(n_, knee) + exp_scale * distinct(neff_) + c_attn * attn_
             if drafting_:
                 t += d_any + d_seq * drafting_ + d_tok * dtok_ + d_depth * depth_ + d_lag * lag_
             return t
@@ -313,7 +316,8 @@ class Controller:
                 attn_ = attn + (dk * (ctx_a + b)[:, None] + dk * (dk + 1) / 2) / 1000.0
                 first = kk_a == 0
                 # every candidate drafts, so the drafter's terms always apply
-                t = (fixed_t + c_tok * (n + dk) + exp_scale * distinct(neff_) + c_attn * attn_
+                t = (fixed_t + c_lin * (n + dk) + c_bend * np.minimum(n + dk, knee) + exp_scale * distinct(neff_)
+                     + c_attn * attn_
                      + d_any + d_seq * (drafting + first)[:, None] + d_tok * (dtok + dk)
                      + d_depth * np.maximum(depth, KP)[None, :] + d_lag * (lag + lags_a * first)[:, None])
                 dT = t - T

@@ -1,12 +1,19 @@
 """The step-time model the speculation controller prices plans with.
 
     T(plan) = T_target(x) + T_draft(z)
-    x = [1, sequences, tokens, distinct experts (summed over MoE layers, per rank),
-         attention units, all-to-all MB]
+    x = [1, sequences, min(tokens, knee), distinct experts (summed over MoE layers,
+         per rank), attention units, all-to-all MB, max(0, tokens - knee)]
     z = [any drafting, drafting sequences, draft tokens, draft depth,
          tokens the drafter must catch up on first (a draft model's lagging cache)]
 
-Both parts are linear in their features with non-negative coefficients. The
+Both parts are linear in their features with non-negative coefficients, so
+the target's price of a token is piecewise linear in the step's tokens: one
+slope up to the knee, another past it, each >= 0 (on CPU the per-token cost
+of a forward falls as steps grow, GEMMs running more efficiently on more
+rows: a slope fitted on short steps alone had priced a 2,560-token prompt
+step of moe-bench at 2.2 s against 0.85 s measured; where a model turns
+compute-bound the second slope comes out the steeper one). The knee is chosen
+from `KNEES` by the fit (at the profile and every 4th refit). The
 distinct-expert feature is not observed before the step: `DistinctExperts`
 predicts it from the plan's tokens per sequence, with an exponent learned from
 routing statistics that captures intra-sequence locality (the k+1 tokens of
@@ -14,9 +21,10 @@ one sequence reuse experts more than k+1 tokens of different sequences).
 
 Coefficients start from a profiling pass on this machine (`profile`: MoE
 expert compute at chosen token and distinct-expert counts, whole target
-forwards at chosen batch, tokens and contexts, the drafter at chosen batch and
-depth) and are refitted online from measured steps, the profile acting as a
-prior. `mape` is the mean absolute percentage error of the predictions made
+forwards at chosen batch, tokens and contexts, including a few steps of
+32-384 tokens over up to 32 sequences so the second slope is measured, not
+extrapolated, the drafter at chosen batch and depth) and are refitted online
+from measured steps, the profile acting as a prior. `mape` is the mean absolute percentage error of the predictions made
 before each step, over a window.
 """
 
@@ -28,7 +36,9 @@ import torch
 
 from ..experts.batch import Chunk
 
-TARGET_FEATURES = ("fixed", "seqs", "tokens", "experts", "attn", "a2a_mb")
+TARGET_FEATURES = ("fixed", "seqs", "tokens", "experts", "attn", "a2a_mb", "tokens_past_knee")
+TOK, PAST = 2, 6            # the two token columns: min(n, knee), max(0, n - knee)
+KNEES = (32, 64, 128, 256)  # where the second token slope may start
 DRAFT_FEATURES = ("any", "seqs", "tokens", "depth", "catch_up")
 ATTN_UNIT = 1000.0          # attention units: query-key pairs / 1000
 
@@ -126,8 +136,13 @@ def _min_time(fn, reps: int) -> float:
 
 
 class CostModel:
-    def __init__(self, config, ep: int = 1, itemsize: int = 4, window: int = 128, prior_weight: float = 0.25):
+    def __init__(self, config, ep: int = 1, itemsize: int = 4, window: int = 128, prior_weight: float = 0.25,
+                 knees=KNEES):
         self.config, self.ep = config, max(1, ep)
+        self.knees = tuple(knees)
+        self.knee = float(64 if 64 in self.knees else self.knees[0])   # until a profile or refit chooses
+        self._prior_by_knee: dict = {}              # knee -> the profile's coefficients with that knee
+        self._refits = 0
         moe = config.moe
         self.moe_layers = sum(1 for i in range(config.num_layers) if config.is_moe_layer(i)) if moe else 0
         self.experts = DistinctExperts(moe.num_experts if moe else 0, moe.top_k if moe else 1)
@@ -151,6 +166,7 @@ class CostModel:
         self._since_fit = 0
         self._z_new = False
         self.profile_seconds = 0.0
+        self.profile_large_seconds = 0.0            # the part of it spent on the steps of 32-384 tokens
 
     # ---- features --------------------------------------------------------------------------------------------
 
@@ -159,7 +175,27 @@ class CostModel:
         n = float(sum(q))
         experts = self.moe_layers * self.experts.predict(q) / self.ep
         attn = sum(a * b + a * (a + 1) * 0.5 for a, b in zip(q, ctx)) / ATTN_UNIT
-        return np.array([1.0, len(q), n, experts, float(attn), n * self.a2a_mb_per_token])
+        kn = self.knee
+        return np.array([1.0, len(q), min(n, kn), experts, float(attn), n * self.a2a_mb_per_token, max(0.0, n - kn)])
+
+    @staticmethod
+    def reknee(A: np.ndarray, knee: float) -> np.ndarray:
+        """Rows of target features with their two token columns split at another knee (a copy)."""
+        A = np.array(A, dtype=float, ndmin=2)
+        n = A[:, TOK] + A[:, PAST]
+        A[:, TOK], A[:, PAST] = np.minimum(n, knee), np.maximum(n - knee, 0.0)
+        return A
+
+    def _set_knee(self, knee: float) -> None:
+        """Move the model to another knee: the stored rows are split anew (in place)."""
+        if knee == self.knee:
+            return
+        self.knee = float(knee)
+        for x, _ in list(self._x) + list(self._profile_x):
+            n = x[TOK] + x[PAST]
+            x[TOK], x[PAST] = min(n, knee), max(n - knee, 0.0)
+        if knee in self._prior_by_knee:
+            self._prior_c = self._prior_by_knee[knee].copy()
 
     @staticmethod
     def draft_features(k, catch_up=None) -> np.ndarray:
@@ -173,22 +209,21 @@ class CostModel:
 
     # ---- profiling -------------------------------------------------------------------------------------------
 
-    def profile(self, runner, proposer=None, budget_s: float = 3.0, log=None) -> None:
+    def profile(self, runner, proposer=None, budget_s: float = 3.0, log=None, large_budget_s: float = 1.5) -> None:
         """Time this machine: MoE expert compute at chosen rows and distinct
-        experts, whole target forwards at chosen (batch, tokens, context), the
-        drafter at chosen (batch, depth). Sets the prior coefficients."""
+        experts, whole target forwards at chosen (batch, tokens, context) and
+        (with a budget of its own) at 32-384 tokens per step, the drafter at
+        chosen (batch, depth). Sets the prior coefficients and the knee."""
         t_start = time.perf_counter()
         deadline = t_start + budget_s
         moe_prior = self._profile_moe(runner, deadline)
         X, y = self._profile_forward(runner, deadline)
+        self.profile_large_seconds = 0.0
         if X:
-            self._profile_x = list(zip(X, y))
-            A, b = np.array(X), np.array(y)
-            if moe_prior is not None:      # pin the per-expert coefficient to the micro-profile
-                c = nnls(A[:, [0, 1, 2, 4, 5]], b - A[:, 3] * moe_prior)
-                self.c = np.insert(c, 3, moe_prior)
-            else:
-                self.c = nnls(A, b)
+            t_large = time.perf_counter()
+            XL, yL = self._profile_large(runner, t_large + large_budget_s)
+            self.profile_large_seconds = time.perf_counter() - t_large
+            self.fit_profile(X + XL, y + yL, moe_prior)
         self._prior_c = self.c.copy()
         Z, yz = self._profile_draft(runner, proposer, deadline)
         if Z:
@@ -198,7 +233,45 @@ class CostModel:
         self.profile_seconds = time.perf_counter() - t_start
         if log:
             log(f"cost model profiled in {self.profile_seconds:.2f} s: " + ", ".join(
-                f"{n}={v * 1e6:.1f}us" for n, v in zip(TARGET_FEATURES, self.c)))
+                f"{n}={v * 1e6:.1f}us" for n, v in zip(TARGET_FEATURES, self.c)) + f", knee={self.knee:.0f}")
+
+    def fit_profile(self, X, y, moe_prior: float | None = None) -> None:
+        """The prior coefficients from profile points (target feature rows, seconds),
+        by relative error (as the refits), at every knee: the knee whose fit
+        leaves the smallest relative error is taken. A knee with no point past it
+        has no second slope to fit: the first one is extended (a linear price)."""
+        self._profile_x = [(np.array(x, dtype=float), float(t)) for x, t in zip(X, y)]
+        if not self._profile_x:
+            return
+        b = np.array([t for _, t in self._profile_x])
+        w = 1.0 / np.maximum(b, 1e-6)
+        best = None
+        for knee in self.knees:
+            A = self.reknee(np.array([x for x, _ in self._profile_x]), knee)
+            past = bool((A[:, PAST] > 0).any())
+            if not past:                   # one token column, the whole count
+                A[:, TOK] += A[:, PAST]
+            cols = [j for j in range(A.shape[1]) if (past or j != PAST) and (moe_prior is None or j != 3)]
+            Aw, bw = A * w[:, None], b * w
+            if moe_prior is not None:      # pin the per-expert coefficient to the micro-profile
+                bw = bw - Aw[:, 3] * moe_prior
+            c = np.zeros(A.shape[1])
+            c[cols] = nnls(Aw[:, cols], bw)
+            if moe_prior is not None:
+                c[3] = moe_prior
+            err = float(np.sum((A @ c * w - 1.0) ** 2))
+            if not past:
+                c[PAST] = c[TOK]
+            self._prior_by_knee[knee] = c
+            if best is None or err < best[0] * (1 - 1e-9):
+                best = (err, knee)
+        knee = best[1]
+        self.knee = float(knee)
+        for x, _ in self._profile_x:
+            n = x[TOK] + x[PAST]
+            x[TOK], x[PAST] = min(n, knee), max(n - knee, 0.0)
+        self.c = self._prior_by_knee[knee].copy()
+        self._prior_c = self.c.copy()
 
     def _profile_moe(self, runner, deadline) -> float | None:
         """Seconds per distinct expert per MoE layer, from the expert compute of
@@ -287,6 +360,56 @@ class CostModel:
                 cache.free(s)
         return X, y
 
+    def _profile_large(self, runner, deadline, sizes=(384, 128, 1)):
+        """Whole target forwards of many tokens: up to 32 sequences at once with
+        about 384 and 128 tokens in all, and one token each. The short steps
+        of `_profile_forward` (at most 32 tokens) say nothing of the second
+        token slope, and a batch of 64 drafting 4-8 each runs 300-600 tokens a
+        step. One context; each point the fastest of 2 runs (the prefill that
+        fills the context, 16 tokens per sequence, warms up)."""
+        cache = runner.cache
+        slots, X, y = [], [], []
+        try:
+            while cache.free_slots and len(slots) < 32:
+                slots.append(cache.allocate())
+            ctx0 = min(16, cache.capacity // 4)
+            room = cache.capacity - ctx0
+            if len(slots) < 2 or room < 2:
+                return X, y
+            V = self.config.vocab_size
+            gen = torch.Generator().manual_seed(2)
+
+            def rand(n):
+                return torch.randint(0, V, (n,), generator=gen).tolist()
+            runner.run([Chunk(s, 0, rand(ctx0)) for s in slots])           # fill the context
+            B = len(slots)
+            shapes = []
+            for size in sizes:
+                q = max(1, min(room, round(size / B)))
+                if (B, q) not in shapes and (q == 1 or B * q > 32):       # short steps are _profile_forward's
+                    shapes.append((B, q))
+            for B, q in shapes:
+                if time.perf_counter() > deadline:
+                    break
+                best = None
+                for _ in range(2):
+                    chunks = [Chunk(s, ctx0, rand(q)) for s in slots[:B]]
+                    t0 = time.perf_counter()
+                    o = runner.run(chunks, routing=True, num_logits=[q] * B)
+                    t = time.perf_counter() - t0
+                    if best is None or t < best[0]:
+                        best = (t, o.routing)
+                t, routing = best
+                x = self.target_features([q] * B, [ctx0] * B)
+                if routing is not None and self.moe_layers:
+                    x[3] = sum(routing.distinct_experts) / self.ep
+                X.append(x)
+                y.append(t)
+        finally:
+            for s in slots:
+                cache.free(s)
+        return X, y
+
     def _profile_draft(self, runner, proposer, deadline):
         Z, y = [], []
         if proposer is None or getattr(proposer, "synthetic", False):
@@ -342,9 +465,30 @@ class CostModel:
     def refit(self) -> None:
         """Least squares over the window's steps and the profile points, with a
         pull toward the profiled coefficients (weight prior_weight per step in
-        the window) so features the window does not vary keep their profiled value."""
+        the window) so features the window does not vary keep their profiled value.
+        Every 4th refit (after a profile) also tries every knee, each with the
+        profile's coefficients at that knee as its prior, and keeps the one whose
+        fit leaves the smallest trimmed relative error."""
         self._since_fit = 0
-        self.c = self._fit(self._x, self._profile_x, self._prior_c, self.c)
+        self._refits += 1
+        if self._prior_by_knee and self._refits % 4 == 1 and len(self._x) + len(self._profile_x) >= 4:
+            best = None
+            for knee in self.knees:
+                window = list(zip(self.reknee([x for x, _ in self._x], knee), [t for _, t in self._x])) \
+                    if self._x else []
+                anchors = list(zip(self.reknee([x for x, _ in self._profile_x], knee),
+                                   [t for _, t in self._profile_x])) if self._profile_x else []
+                coef = self._fit(window, anchors, self._prior_by_knee[knee], self.c)
+                A = np.array([p[0] for p in window + anchors])
+                b = np.array([p[1] for p in window + anchors])
+                r = np.sort((A @ coef / np.maximum(b, 1e-6) - 1.0) ** 2)
+                err = float(r[:max(1, int(len(r) * 0.9))].sum())
+                if best is None or err < best[0] * (1 - 1e-9):
+                    best = (err, knee, coef)
+            self._set_knee(best[1])
+            self.c = best[2]
+        else:
+            self.c = self._fit(self._x, self._profile_x, self._prior_c, self.c)
         if self._z_new:                 # no drafter step since the last refit: nothing new to fit
             self._z_new = False
             self.d = self._fit(self._z, self._profile_z, self._prior_d, self.d)

@@ -5,9 +5,9 @@ quality separated from timing noise.
         --decay 1.0,0.8 --noise 0.05,0.3 --seeds 3
 
 No model runs. A step's "true" time comes from a linear model over the cost
-model's own features (fixed, sequences, tokens, distinct experts, attention,
-all-to-all) whose coefficients are profiled on this machine from a real
-checkpoint (moe-bench by default, built if missing), with distinct experts
+model's own features (fixed, sequences, tokens up to the knee, distinct
+experts, attention, all-to-all, tokens past the knee) whose coefficients and
+knee are profiled on this machine from a real checkpoint (moe-bench by default, built if missing), with distinct experts
 following a locality exponent (`--beta`) the controller has to learn, times
 lognormal noise of `--noise` (0.05: a quiet machine; 0.3: heavy co-tenant
 load). Drafts are accepted with probability alpha * decay**j at position j.
@@ -36,22 +36,24 @@ from make_moe_bench import build_checkpoint  # noqa: E402
 
 
 def true_coefficients(path):
-    """(config, target coefficients) profiled from a real runner of the checkpoint."""
+    """(config, target coefficients, knee) profiled from a real runner of the checkpoint
+    (64 sequences, so the profile's steps of 32-384 tokens run)."""
     import torch
 
     from specmoe.experts.runner import ModelRunner
     from specmoe.router.cost_model import CostModel
     torch.set_num_threads(1)
-    runner = ModelRunner.from_pretrained(path, max_seqs=8, max_seq_len=512)
+    runner = ModelRunner.from_pretrained(path, max_seqs=64, max_seq_len=512)
     cm = CostModel(runner.config)
     cm.profile(runner, None, budget_s=6.0)
-    return runner.config, cm.c.copy()
+    return runner.config, cm.c.copy(), cm.knee
 
 
-def simulate(config, true_c, policy, batch, alpha, decay, *, steps, noise, seed, beta, bias, new_tokens,
+def simulate(config, true_c, policy, batch, alpha, decay, *, steps, noise, seed, beta, bias, new_tokens, knee,
              draft_c=(5e-5, 0, 0, 0, 0)):
     """Committed tokens per simulated second and mean k of one policy ("auto" or "k=N")."""
     from specmoe.router.controller import Controller
+    from specmoe.router.cost_model import CostModel
     from specmoe.router.params import SamplingParams
     from specmoe.router.request import Request
     from specmoe.router.scheduler import Scheduled
@@ -59,7 +61,10 @@ def simulate(config, true_c, policy, batch, alpha, decay, *, steps, noise, seed,
     runner = types.SimpleNamespace(config=config, model=None)
     true_d = np.array(draft_c, dtype=float)
     ctl = Controller(runner, None, k_max=8, profile=False)
-    cost = ctl.cost                         # its features price the true model too
+    cost = ctl.cost
+    cost.knee = float(knee)
+    truth = CostModel(config)               # the true model's features, at the true knee whatever the fit does
+    truth.knee = float(knee)
     auto = policy == "auto"
     if auto:
         cost.c, cost.d = true_c * bias, true_d.copy()
@@ -88,9 +93,9 @@ def simulate(config, true_c, policy, batch, alpha, decay, *, steps, noise, seed,
             q.append(1 + s.k)
             drafts.append(s.k)
             ks.append(s.k)
-        x = cost.target_features(q, [r.num_cached for r in reqs])
+        x = truth.target_features(q, [r.num_cached for r in reqs])
         distinct = E * (1 - (1 - K / E) ** sum(v ** beta for v in q)) if E else 0.0
-        x[3] = cost.moe_layers * distinct / cost.ep
+        x[3] = truth.moe_layers * distinct / truth.ep
         t = float(true_c @ x) * rng.lognormal(0.0, noise)
         td = float(true_d @ cost.draft_features(drafts)) if any(drafts) else 0.0
         if auto:
@@ -116,7 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--alpha", default="0.3,0.6,0.9")
     ap.add_argument("--decay", default="1.0,0.8")
     ap.add_argument("--noise", default="0.05,0.3", help="lognormal sigma of step times, one grid per value")
-    ap.add_argument("--bias", default="1,1,1,1,1,1",
+    ap.add_argument("--bias", default="1,1,1,1,1,1,1",
                     help="the controller's starting coefficients over the true ones (a profile that is off)")
     ap.add_argument("--beta", type=float, default=0.6, help="true routing locality exponent")
     ap.add_argument("--steps", type=int, default=600)
@@ -125,12 +130,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     path = a.checkpoint or build_checkpoint(Path(a.out) / "moe-bench", 0)
-    config, true_c = true_coefficients(path)
+    config, true_c, knee = true_coefficients(path)
     bias = np.array([float(v) for v in a.bias.split(",")])
     if len(bias) != len(true_c):
         ap.error(f"--bias needs {len(true_c)} factors, got {len(bias)}")
     print("# specmoe controller decisions on a SIMULATED load (no model runs)\n")
-    print(f"checkpoint {path}; true coefficients (us): " + ", ".join(f"{v * 1e6:.1f}" for v in true_c))
+    print(f"checkpoint {path}; true coefficients (us): " + ", ".join(f"{v * 1e6:.1f}" for v in true_c)
+          + f"; knee {knee:.0f} tokens")
     print(f"bias {bias.tolist()}, beta {a.beta}, {a.steps} steps x {a.seeds} seeds per policy and cell\n")
     rows, summary = [], []
     for noise in [float(v) for v in a.noise.split(",")]:
@@ -145,7 +151,8 @@ def main(argv=None) -> int:
 
                     def mean_rate(policy):
                         runs = [simulate(config, true_c, policy, batch, alpha, decay, steps=a.steps, noise=noise,
-                                         seed=s, beta=a.beta, bias=bias, new_tokens=nt) for s in range(a.seeds)]
+                                         seed=s, beta=a.beta, bias=bias, new_tokens=nt, knee=knee)
+                                for s in range(a.seeds)]
                         return statistics.mean(r[0] for r in runs), statistics.mean(r[1] for r in runs)
                     fixed = {k: mean_rate(f"k={k}")[0] for k in range(9)}
                     best_k = max(range(1, 9), key=fixed.get)

@@ -12,7 +12,7 @@ from specmoe.drafter import SyntheticProposer
 from specmoe.experts.runner import ModelRunner
 from specmoe.router.acceptance import AcceptanceEstimator
 from specmoe.router.controller import Controller
-from specmoe.router.cost_model import CostModel, DistinctExperts, nnls
+from specmoe.router.cost_model import KNEES, CostModel, DistinctExperts, nnls
 from specmoe.router.params import SamplingParams as SP
 from specmoe.router.request import Request
 from specmoe.router.scheduler import Scheduled
@@ -148,7 +148,7 @@ def test_cost_model_ranks_plans_like_the_true_timings():
                     num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64,
                     moe=MoEConfig(num_experts=16, top_k=2, expert_ffn=64, layers=(0, 1, 2, 3)))
     cm = CostModel(c)
-    true_c = np.array([2e-3, 1e-4, 3e-4, 2e-4, 5e-5, 0.0])
+    true_c = linear([2e-3, 1e-4, 3e-4, 2e-4, 5e-5, 0.0])
     true_d = np.array([5e-4, 1e-4, 2e-4, 3e-4, 2e-5])
     rng = np.random.default_rng(3)
 
@@ -171,11 +171,101 @@ def test_cost_model_ranks_plans_like_the_true_timings():
     assert cm.mape is not None and cm.mape < 0.1
 
 
+def _moe_config():
+    from specmoe.experts.config import ModelConfig, MoEConfig
+    return ModelConfig(family="mixtral", architecture="MixtralForCausalLM", vocab_size=V, hidden_size=64,
+                       num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64,
+                       moe=MoEConfig(num_experts=16, top_k=2, expert_ffn=64, layers=(0, 1, 2, 3)))
+
+
+def _bent_truth(cm, q, ctx):
+    """A step's true time with a concave price of tokens: the marginal token costs 3 ms at 1 token per
+    step, 2.3 ms at 40 and 1.1 ms at 400 (a CPU GEMM runs more efficiently on more rows)."""
+    x = cm.target_features(q, ctx)
+    n = float(sum(q))
+    tokens = 3e-3 * 40 * ((1 + n / 40) ** 0.6 - 1) / 0.6
+    return 3e-3 + 4e-4 * len(q) + tokens + 2e-4 * x[3] + 5e-5 * x[4]
+
+
+def _profile_shapes():
+    """(q, ctx) of the profile's steps: 1-4 sequences x 1-8 tokens at two contexts, and 32 sequences
+    x 1, 4 and 12 tokens (32-384 in all)."""
+    small = [([q] * B, [c] * B) for B in (1, 2, 4) for q in (1, 3, 8) for c in (16, 256)]
+    return small, [([q] * 32, [16] * 32) for q in (1, 4, 12)]
+
+
+def _held_out_large(rng):
+    """Decode steps of a batch of 64 drafting 0-8 tokens each (64-576 tokens)."""
+    out = []
+    for k in range(9):
+        q = (1 + np.clip(k + rng.integers(-1, 2, 64), 0, 8)).tolist()
+        out.append((q, rng.integers(20, 120, 64).tolist()))
+    return out
+
+
+def _mean_error(cm, steps):
+    return float(np.mean([abs(cm.predict(cm.target_features(q, c), np.zeros(5)) / _bent_truth(cm, q, c) - 1)
+                          for q, c in steps]))
+
+
+def test_cost_model_fits_a_bending_token_price_from_the_profile():
+    """Profile points timed from a known concave price of tokens (noise 3%): the
+    knee-and-two-slopes fit prices held-out batch-64 steps of 64-576 tokens
+    within 8%, with the slope past the knee the lower one; a price linear in
+    tokens fitted on the same points errs by more than twice as much, and one
+    fitted on the short steps alone (the profile before it had large steps) by
+    more than 30%."""
+    rng = np.random.default_rng(7)
+    small, large = _profile_shapes()
+    held = _held_out_large(rng)
+    errs = {}
+    for name, knees, shapes in (("bent", KNEES, small + large), ("linear", (10 ** 9,), small + large),
+                                ("short only", KNEES, small)):
+        cm = CostModel(_moe_config(), knees=knees)
+        X = [cm.target_features(q, c) for q, c in shapes]
+        y = [_bent_truth(cm, q, c) * rng.lognormal(0, 0.03) for q, c in shapes]
+        cm.fit_profile(X, y)
+        errs[name] = _mean_error(cm, held)
+        if name == "bent":
+            assert cm.c[6] < cm.c[2], cm.c
+    assert errs["bent"] < 0.08, errs
+    assert errs["linear"] > 2 * errs["bent"], errs
+    assert errs["short only"] > 0.3, errs
+
+
+def test_cost_model_refits_learn_the_bend_online():
+    """A profile of short steps only (the second slope unmeasured, so priced as
+    the first), then 64 steps of a batch of 64 drafting 0-8 tokens (each step
+    around a depth of its own) timed from the bending truth: after the refits (which also choose the knee) the model
+    prices held-out large steps within 8%, from over 30% off before."""
+    rng = np.random.default_rng(8)
+    small, _ = _profile_shapes()
+    cm = CostModel(_moe_config())
+    X = [cm.target_features(q, c) for q, c in small]
+    cm.fit_profile(X, [_bent_truth(cm, q, c) * rng.lognormal(0, 0.03) for q, c in small])
+    held = _held_out_large(rng)
+    before = _mean_error(cm, held)
+    for _ in range(64):                      # each step's depth around a depth of its own, as plans differ
+        k = np.clip(rng.integers(0, 9) + rng.integers(-1, 2, 64), 0, 8)
+        q, ctx = (1 + k).tolist(), rng.integers(20, 120, 64).tolist()
+        x, z = cm.target_features(q, ctx), cm.draft_features(k.tolist())
+        cm.observe(x, z, _bent_truth(cm, q, ctx) * rng.lognormal(0, 0.03), 0.0, cm.predict(x, z))
+    after = _mean_error(cm, held)
+    assert before > 0.3 and after < 0.08, (before, after, cm.knee, cm.c)
+
+
 # ---- the plan ------------------------------------------------------------------------------------------------
+
+def linear(c):
+    """Target coefficients [fixed, seqs, tokens, experts, attn, a2a] as the cost model's, the slope past
+    the knee the same as before it (a price linear in tokens)."""
+    c = np.asarray(c, dtype=float)
+    return np.append(c, c[2]) if len(c) == 6 else c
+
 
 def _controller(runner, c, d, acceptance=None):
     ctl = Controller(runner, None, k_max=8, profile=False)
-    ctl.cost.c, ctl.cost.d = np.array(c, dtype=float), np.array(d, dtype=float)
+    ctl.cost.c, ctl.cost.d = linear(c), np.array(d, dtype=float)
     ctl.cost._prior_c, ctl.cost._prior_d = ctl.cost.c.copy(), ctl.cost.d.copy()   # as a profile would set
     if acceptance is not None:
         for _ in range(300):
@@ -264,9 +354,10 @@ def test_array_search_plans_like_the_scalar_one(runner):
     rng = np.random.default_rng(1)
     for _ in range(60):
         B = int(rng.integers(8, 24))
-        c = np.array([5e-3, 1e-3, 6e-4, 1.5e-4, 8e-4, 0]) * rng.uniform(0.1, 3, 6)
+        c = np.array([5e-3, 1e-3, 6e-4, 1.5e-4, 8e-4, 0, 6e-4]) * rng.uniform(0.1, 3, 7)  # bending either way
         d = rng.uniform(0, 3e-4, 5)
         arr, sca = _controller(runner, c, d), _controller(runner, c, d)
+        arr.cost.knee = sca.cost.knee = float(rng.choice(KNEES[:3]))      # steps of 8-216 tokens cross it
         sca.array_from = 10 ** 9
         ids = list(range(B))
         for _ in range(30):
@@ -307,7 +398,7 @@ def test_steady_load_gives_a_steady_near_optimal_plan(runner):
     acceptance 0.7 per position): after warm-up the plan's true expected goodput
     is within 5% of the best uniform k's, and the depth does not swing between
     extremes."""
-    true_c, true_d = np.array([5e-3, 2e-4, 6e-4, 1e-4, 0, 0]), np.array([2e-4, 5e-5, 5e-5, 1e-4, 0])
+    true_c, true_d = linear([5e-3, 2e-4, 6e-4, 1e-4, 0, 0]), np.array([2e-4, 5e-5, 5e-5, 1e-4, 0])
     ctl = _controller(runner, true_c, true_d)
     rng = np.random.default_rng(4)
 
