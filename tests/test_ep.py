@@ -223,7 +223,7 @@ def test_logits_and_routing_equal_single_process(ep, control, runners, target):
         assert torch.equal(got.routing.tokens_per_expert, want.routing.tokens_per_expert)
         x = got.extra
         assert x["ep"] == ep and len(x["a2a_s"]) == ep
-        assert sum(x["tokens_per_rank"]) == sum(len(c.tokens) for c in chunks)
+        assert sum(x["attn_tokens_per_rank"]) == sum(len(c.tokens) for c in chunks)
         distinct = [sum(r[layer] for r in x["distinct_experts_per_rank"]) for layer in range(4)]
         assert distinct == want.routing.distinct_experts
         out_bytes = torch.tensor(x["a2a_layer_bytes_out"]).sum(dim=0)
@@ -283,7 +283,7 @@ def test_a_rank_without_sequences_joins_and_bytes_match_routing(runners, target)
     got = runner.run(chunks, routing=True)
     torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
     x = got.extra
-    assert x["tokens_per_rank"] == [len(PROMPTS[1]), 0]
+    assert x["attn_tokens_per_rank"] == [len(PROMPTS[1]), 0]
     held1 = runner.placement.experts_of(1)
     to_rank1 = want.routing.tokens_per_expert[:, held1].sum(dim=1)          # rows per layer
     row_bytes = 64 * 4
@@ -327,7 +327,7 @@ def test_ragged_k_and_batch_one_steps_with_an_idle_rank(runners, plain, draft):
     idle_steps, got = 0, []
     for chunk in eng.generate_stream([PROMPTS[2]], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)):
         got += chunk.token_ids
-        idle_steps += 0 in eng.last_step.extra["tokens_per_rank"]
+        idle_steps += 0 in eng.last_step.extra["attn_tokens_per_rank"]
     assert_same_or_near_tie(ref_eng, PROMPTS[2], want[2], got)
     assert idle_steps >= 1
 
