@@ -496,7 +496,7 @@ class EPRunner:
             for row, n in mine:
                 out[row:row + n] = vals[at:at + n]
                 at += n
-        return torch.tensor(out, dtype=torch.long)
+        return torch.frombuffer(array("q", out), dtype=torch.long)     # ~2 us, torch.tensor(list) ~7 us
 
     def _routing(self, res: list[StepResult]) -> RoutingSnapshot:
         """Global tokens per expert: each expert's rows were counted by its owner."""
