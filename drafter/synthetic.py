@@ -39,14 +39,6 @@ class SyntheticProposer(Proposer):
 
     def __init__(self, continuations: dict[tuple[int, ...], list[int]], alpha: float, decay: float = 1.0, *,
                  vocab_size: int, seed: int = 0, prompt_alpha: dict[tuple[int, ...], float] | None = None):
-        prompt_alpha = {tuple(p): a for p, a in (prompt_alpha or {}).items()}
-        for a in (alpha, *prompt_alpha.values()):
-            if not 0.0 <= a <= 1.0:
-                raise ValueError(f"synthetic drafter: alpha must be in [0, 1], got {a}")
-        unknown = [p for p in prompt_alpha if tuple(p) not in {tuple(c) for c in continuations}]
-        if unknown:
-            raise ValueError(f"synthetic drafter: prompt_alpha names {len(unknown)} prompt(s) without a "
-                             f"continuation, e.g. {unknown[0][:8]}...")
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"synthetic drafter: decay must be in [0, 1], got {decay}")
         if vocab_size < 2:
@@ -58,12 +50,26 @@ class SyntheticProposer(Proposer):
                                  f"{bad[:1]} outside 0..{vocab_size - 1}")
         self.continuations = {tuple(p): list(c) for p, c in continuations.items()}
         self._lengths = sorted({len(p) for p in self.continuations}, reverse=True)
-        self.alpha, self.decay, self.vocab_size, self.seed = alpha, decay, vocab_size, seed
+        self.decay, self.vocab_size, self.seed = decay, vocab_size, seed
         self._prompt_index = {p: n for n, p in enumerate(self.continuations)}
-        self._alpha_of = {self._prompt_index[p]: a for p, a in prompt_alpha.items()}   # prompt index -> alpha
+        self.set_alpha(alpha, prompt_alpha)
         self._runs: Counter = Counter()       # prompt -> requests seen with it
         self._run_of: dict[int, tuple[int, int]] = {}     # request id -> (prompt index, run)
         self._asked: dict[int, Counter] = {}  # request id -> {i: proposals made there}
+
+    def set_alpha(self, alpha: float, prompt_alpha: dict[tuple[int, ...], float] | None = None) -> None:
+        """The acceptance rate from now on: `alpha`, or a prompt's own from
+        `prompt_alpha` (a benchmark trace changes them between phases)."""
+        prompt_alpha = {tuple(p): a for p, a in (prompt_alpha or {}).items()}
+        for a in (alpha, *prompt_alpha.values()):
+            if not 0.0 <= a <= 1.0:
+                raise ValueError(f"synthetic drafter: alpha must be in [0, 1], got {a}")
+        unknown = [p for p in prompt_alpha if p not in self._prompt_index]
+        if unknown:
+            raise ValueError(f"synthetic drafter: prompt_alpha names {len(unknown)} prompt(s) without a "
+                             f"continuation, e.g. {unknown[0][:8]}...")
+        self.alpha = alpha
+        self._alpha_of = {self._prompt_index[p]: a for p, a in prompt_alpha.items()}   # prompt index -> alpha
 
     def _continuation(self, inp: DraftInput) -> tuple[list[int], int, int]:
         """(continuation, position i = len(output), prompt index) of a request."""

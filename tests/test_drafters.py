@@ -304,6 +304,9 @@ def test_synthetic_per_prompt_alpha():
         good, bad = ask(prop, (2 * rid, list(PROMPT) + CONT[:1], 5), (2 * rid + 1, list(other) + CONT[:1], 5))
         assert good == CONT[1:6] and all(a != b for a, b in zip(bad, CONT[1:6]))
         prop.release(2 * rid), prop.release(2 * rid + 1)
+    prop.set_alpha(0.0)                                   # a trace's next phase: no per-prompt rates now
+    [d] = ask(prop, (99, list(PROMPT) + CONT[:1], 5))
+    assert all(a != b for a, b in zip(d, CONT[1:6]))
     half = SyntheticProposer({PROMPT: CONT, other: CONT}, alpha=0.5, vocab_size=VOCAB, seed=2,
                              prompt_alpha={PROMPT: 1.0})
     hits = 0
