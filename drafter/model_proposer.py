@@ -161,8 +161,10 @@ class ModelProposer(Proposer):
         """best (B,) argmax, logits (sampled inputs' rows, V) -> one draft token
         per input, and the distribution it was drawn from ((V,) float32) for
         sampled inputs, None for greedy ones."""
-        toks = best.clone()                                            # (B,)
         probs: list[torch.Tensor | None] = [None] * len(inputs)
+        if not logits.shape[0]:                                        # every input greedy
+            return best.tolist(), probs
+        toks = best.clone()                                            # (B,)
         j = 0
         for b, inp in enumerate(inputs):
             if inp.temperature > 0:

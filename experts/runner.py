@@ -104,7 +104,9 @@ class ModelRunner:
         argmax = None
         if full is not None:
             argmax = greedy(logits)
-            if not all(full):
+            if not any(full):
+                logits = logits[:0]          # a view: the greedy batch-1 draft and decode paths pay no copy
+            elif not all(full):
                 keep = full_rows(full, rows_per_chunk(chunks, num_logits, all_logits))
                 logits = logits.index_select(0, torch.tensor(keep, dtype=torch.long, device=device))
         return StepOutput(logits=logits, routing=self.model.routing_stats.snapshot() if routing else None,
