@@ -445,8 +445,7 @@ class EPRunner:
         if full is not None:
             argmax = self._argmax(res, *self._layout(chunks, rows, None))
         if self._remote_device:
-            logits = logits.to(self.model.device)
-            argmax = None if argmax is None else argmax.to(self.model.device)
+            logits = logits.to(self.model.device)      # the argmax stays on the host: it is read there
         out = StepOutput(logits=logits, routing=self._routing(res) if routing else None, argmax=argmax)
         t4 = time.perf_counter()
         out.extra.update(self._measurements(res, t4 - t0, (t1 - t0) + (t4 - t2), t2 - t1))

@@ -22,7 +22,7 @@ class StepOutput:
                                     # only the rows of chunks marked full
     routing: RoutingSnapshot | None
     extra: dict = field(default_factory=dict)   # runner-specific measurements (EP: all-to-all time, bytes)
-    argmax: torch.Tensor | None = None          # (rows,) int64, every row's argmax; only with `full`
+    argmax: torch.Tensor | None = None          # (rows,) int64, every row's argmax; only with `full` (EP: host)
 
 
 def rows_per_chunk(chunks: list[Chunk], num_logits: list[int] | None, all_logits: bool) -> list[int]:
