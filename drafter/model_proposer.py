@@ -161,18 +161,18 @@ class ModelProposer(Proposer):
         """best (B,) argmax, logits (sampled inputs' rows, V) -> one draft token
         per input, and the distribution it was drawn from ((V,) float32) for
         sampled inputs, None for greedy ones."""
+        toks = best.tolist()                                           # B ids
         probs: list[torch.Tensor | None] = [None] * len(inputs)
-        if not logits.shape[0]:                                        # every input greedy
-            return best.tolist(), probs
-        toks = best.clone()                                            # (B,)
-        j = 0
+        drawn: list[tuple[int, torch.Tensor]] = []
         for b, inp in enumerate(inputs):
             if inp.temperature > 0:
-                p = probs_from_logits(logits[j:j + 1], inp.temperature, inp.top_k, inp.top_p)   # (1, V)
-                toks[b] = sample(p, inp.generator)[0]
+                p = probs_from_logits(logits[len(drawn):len(drawn) + 1], inp.temperature, inp.top_k, inp.top_p)
+                drawn.append((b, sample(p, inp.generator)))                # (1,)
                 probs[b] = p[0]
-                j += 1
-        return toks.tolist(), probs                                    # one host sync per draft position
+        if drawn:                                                      # one more host sync, for all sampled rows
+            for (b, _), t in zip(drawn, torch.cat([t for _, t in drawn]).tolist()):
+                toks[b] = t
+        return toks, probs
 
 
 def draft_model_proposer(target_config: ModelConfig, draft_path, device="cpu", dtype="float32",

@@ -183,7 +183,7 @@ class EPWorker:
                                   full=None if plan.full is None else [plan.full[i] for i in mine])
             logits = out.logits.float().cpu().contiguous()
             if out.argmax is not None:
-                argmax = bytearray(out.argmax.to(torch.int32).cpu().numpy().tobytes())
+                argmax = bytearray(out.argmax.to(torch.int32).cpu().numpy())
         else:
             self._idle(plan.layer_ids)
             logits = torch.empty(0, self.model.config.vocab_size)

@@ -26,10 +26,11 @@ class StepOutput:
 
 
 def rows_per_chunk(chunks: list[Chunk], num_logits: list[int] | None, all_logits: bool) -> list[int]:
-    """How many logits rows each chunk gets (see ModelRunner.run)."""
-    if all_logits:
-        return [len(c.tokens) for c in chunks]
-    return list(num_logits) if num_logits is not None else [1] * len(chunks)
+    """How many logits rows each chunk gets (see ModelRunner.run: num_logits
+    first, then all_logits, else one)."""
+    if num_logits is not None:
+        return list(num_logits)
+    return [len(c.tokens) for c in chunks] if all_logits else [1] * len(chunks)
 
 
 def check_full(full: list[bool] | None, num_chunks: int) -> None:

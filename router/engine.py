@@ -342,7 +342,7 @@ class Engine:
         full = [s.req.params.temperature > 0 and not s.partial for s in plan]
         out = self.runner.run(chunks, num_logits=rows, routing=True, full=full)
         logits = out.logits
-        best = out.argmax.tolist()
+        best = out.argmax.tolist() if not all(full) else []
         t3 = time.perf_counter()
         report = StepReport(num_requests=len(plan), num_tokens=sum(len(c.tokens) for c in chunks))
         events, results, at, full_at = [], [], 0, 0

@@ -196,6 +196,19 @@ def test_draft_model_sampling_replays(ckpts, target_cfg, draft_engine):
                         DraftInput(1, prompt, 3)])
     assert out[0].tokens == p.tokens[:3] and out[1].probs is None
     assert out[1].tokens == greedy(draft_engine, prompt, 3)
+    # Greedy and sampled inputs interleaved (the runner returns only the sampled
+    # rows' logits): each proposal equals what its input drafts alone.
+    mixed = draft_model_proposer(target_cfg, ckpts["draft"], max_seqs=4, max_seq_len=MAX_LEN)
+    prompts = [tokens(9 + i, 30 + i) for i in range(4)]
+    def inp(i, rid):
+        return DraftInput(rid, prompts[i], 4, *((temp, top_k, top_p, torch.Generator().manual_seed(40 + i))
+                                                if i % 2 else ()))
+    together = mixed.propose([inp(i, i) for i in range(4)])
+    for i, got in enumerate(together):
+        [alone] = draft_model_proposer(target_cfg, ckpts["draft"], max_seqs=1, max_seq_len=MAX_LEN).propose([inp(i, 0)])
+        assert got.tokens == alone.tokens and (got.probs is None) == (alone.probs is None) == (i % 2 == 0)
+        if got.probs is not None:
+            torch.testing.assert_close(got.probs, alone.probs, atol=1e-5, rtol=0)
 
 
 def test_draft_model_vocab_mismatch(ckpts, target_cfg):
