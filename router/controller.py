@@ -330,23 +330,67 @@ class Controller:
                 return [(float(br[j]), int(j), int(bj[j]) + 1) for j in np.nonzero(br > 0)[0]]
         else:
             search = search_scalar
-        while True:
-            cands = search()
-            if not cands:
+        agg0, V0, T0 = (n, neff, attn, drafting, dtok, depth, lag), V, T
+        for phase in range(2):
+            while True:
+                cands = search()
+                if not cands:
+                    break
+                taken = 0
+                for _, j, kp in sorted(cands, reverse=True):
+                    dv, dT, agg = extension(j, kp)
+                    if dv <= max(V / T, g_ref) * max(dT, 0.0) * (plain if kk[j] else hedged):
+                        continue
+                    breakeven[ids[j]] = breakeven.get(ids[j], 0.0) + max(V / T, g_ref) * max(dT, 0.0)
+                    n, neff, attn, drafting, dtok, depth, lag = agg
+                    V += dv
+                    T += dT
+                    kk[j] = kp
+                    taken += 1
+                if not taken:
+                    break
+            if phase or len(ids) < 2:
                 break
-            taken = 0
-            for _, j, kp in sorted(cands, reverse=True):
-                dv, dT, agg = extension(j, kp)
-                if dv <= max(V / T, g_ref) * max(dT, 0.0) * (plain if kk[j] else hedged):
+            # A concave price (the step's fixed part, experts that saturate, a token slope that falls past
+            # the knee) can make every single request's extension look dear while all of them drafting
+            # together pays: price every uniform depth as a whole plan and, of those that beat the greedy
+            # plan by the same test, take the one of the highest goodput and climb on from it.
+            g = max(V / T, g_ref)
+            factor = plain if any(kk) else hedged
+            best = None
+            for u in range(1, max(caps) + 1):
+                ku = [min(u, c) for c in caps]
+                if ku == kk:
                     continue
-                breakeven[ids[j]] = breakeven.get(ids[j], 0.0) + max(V / T, g_ref) * max(dT, 0.0)
-                n, neff, attn, drafting, dtok, depth, lag = agg
-                V += dv
-                T += dT
-                kk[j] = kp
-                taken += 1
-            if not taken:
+                n_u, neff_u, attn_u, drafting_u, dtok_u, depth_u, lag_u = agg0
+                V_u = V0
+                for j, kj in enumerate(ku):
+                    if kj:
+                        b = base[j]
+                        n_u += kj
+                        neff_u += ((b + kj) ** beta - b ** beta) * (1.0 - reuse[j])
+                        attn_u += (kj * (ctxs[j] + b) + kj * (kj + 1) / 2) / 1000.0
+                        drafting_u += 1
+                        dtok_u += kj
+                        depth_u = max(depth_u, kj)
+                        lag_u += lags[j]
+                        V_u += cum[j][kj]
+                agg = (n_u, neff_u, attn_u, drafting_u, dtok_u, depth_u, lag_u)
+                T_u = max(price(*agg), 1e-9)
+                gain = (V_u - V) - g * max(T_u - T, 0.0) * factor
+                if V_u > V and gain > 0 and (best is None or V_u / T_u > best[0]):     # the fastest that pays
+                    best = (V_u / T_u, ku, agg, V_u, T_u)
+            if best is None:
                 break
+            _, ku, agg, V_u, T_u = best
+            m = sum(1 for v in ku if v)
+            breakeven.clear()
+            for j, kj in enumerate(ku):
+                if kj:
+                    breakeven[ids[j]] = g * max(T_u - T0, 0.0) / m
+            kk[:] = ku
+            n, neff, attn, drafting, dtok, depth, lag = agg
+            V, T = V_u, T_u
         for j, rid in enumerate(ids):          # did a past probe find drafting pays? sets new requests' interval
             st = self._state[rid]
             if st.probed:
