@@ -18,7 +18,12 @@ is the larger of the plan's own rate V / T and the recent steps' measured
 rate (a prefill-heavy step's own rate undervalues the time its drafts add).
 Extensions of several tokens are priced whole, so a drafter's fixed cost
 (paid once, by the first request that drafts) does not stop a plan that pays
-only beyond one token. No request drafting means the drafter is skipped.
+only beyond one token. When that climb stops, every uniform depth (all
+requests drafting min(u, cap_i)) is priced as a whole plan, and the fastest
+that beats the climb's plan by the same test is taken and climbed on from:
+under a price that falls with the step's tokens (the cost model's knee,
+experts that saturate) no single request's extension may pay alone while all
+of them drafting deep does. No request drafting means the drafter is skipped.
 
 Around the plan:
 - a request whose drafting realised fewer tokens than its break-even over a
