@@ -342,8 +342,9 @@ class CostModel:
                         chunks = [Chunk(s, ctx0, rand(q)) for s in group[:B]]
                         t0 = time.perf_counter()
                         # every token's logits, as a verification step asks (the LM head per row is
-                        # a per-token cost: on a small model it is most of it)
-                        o = runner.run(chunks, routing=True, num_logits=[q] * B)
+                        # a per-token cost: on a small model it is most of it), returned as a greedy
+                        # step returns them (argmax only: under EP no logits rows cross back)
+                        o = runner.run(chunks, routing=True, num_logits=[q] * B, full=[False] * B)
                         t = time.perf_counter() - t0
                         if rep and (ctx0 not in best or t < best[ctx0][0]):
                             best[ctx0] = (t, o.routing)
@@ -395,7 +396,7 @@ class CostModel:
                 for _ in range(2):
                     chunks = [Chunk(s, ctx0, rand(q)) for s in slots[:B]]
                     t0 = time.perf_counter()
-                    o = runner.run(chunks, routing=True, num_logits=[q] * B)
+                    o = runner.run(chunks, routing=True, num_logits=[q] * B, full=[False] * B)
                     t = time.perf_counter() - t0
                     if best is None or t < best[0]:
                         best = (t, o.routing)

@@ -19,6 +19,10 @@ bundled model with n-gram, draft-model and layer-skip drafting.
 
 The mixed trace (--trace) runs phases of changing batch and alpha back to back
 on one engine per policy; its figure is total committed tokens / total time.
+The heterogeneous trace (--trace-kind hetero) does the same with requests of
+two kinds in one batch, alternating: alpha 0.9 (copy-like) and 0.2 (free
+text), concurrency changing over time; a single fixed k then drafts as deep
+for both kinds, where a per-request k need not.
 
 Output: a markdown table per section on stdout, --json (rows {"model", "ep",
 "batch", "alpha", "decay", "policy", "tokens_per_s", "tpot_ms", "mean_k"}),
@@ -111,14 +115,19 @@ def run_cell(runner, prompts, conts, batch, alpha, decay, ks, reps, new_tokens, 
     return out
 
 
+# Phases (batch, alpha), or (batch, (alpha per request, cycled over the batch's requests)).
+TRACES = {"mixed": ((1, 0.9), (16, 0.3), (4, 0.7), (64, 0.5), (2, 0.2), (8, 0.9)),
+          "hetero": ((1, 0.9), (4, (0.9, 0.2)), (16, (0.9, 0.2)), (1, 0.2), (8, (0.9, 0.2)), (2, (0.9, 0.2)))}
+
+
 def run_trace(runner, prompt_pool, conts, phases, ks, reps, new_tokens, seed, V, log):
-    """Phases [(batch, alpha)] back to back on one engine per policy."""
+    """Phases [(batch, alpha or alphas)] back to back on one engine per policy."""
     from specmoe import SamplingParams
     from specmoe.drafter import SyntheticProposer
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     engines, props = {}, {}
     for p in policies(ks):
-        prop = SyntheticProposer(conts, phases[0][1], vocab_size=V, seed=seed) if p != "off" else None
+        prop = SyntheticProposer(conts, 0.0, vocab_size=V, seed=seed) if p != "off" else None
         props[p] = prop
         engines[p] = make_engine(runner, p, lambda prop=prop: prop)
     samples = {p: [] for p in engines}
@@ -129,7 +138,9 @@ def run_trace(runner, prompt_pool, conts, phases, ks, reps, new_tokens, seed, V,
             tokens, wall = 0, 0.0
             for i, (batch, alpha) in enumerate(phases):
                 if props[p] is not None:
-                    props[p].alpha = alpha
+                    rates = alpha if isinstance(alpha, tuple) else (alpha,)
+                    props[p].set_alpha(rates[0], {tuple(q): rates[j % len(rates)]
+                                                  for j, q in enumerate(prompt_pool[:batch])})
                 t0 = time.perf_counter()
                 outs = engines[p].generate(prompt_pool[:batch], params)
                 dt = time.perf_counter() - t0
@@ -277,6 +288,7 @@ def parse_args(argv):
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--trace", action="store_true", help="also run the mixed trace")
     ap.add_argument("--trace-only", action="store_true", help="run only the mixed trace")
+    ap.add_argument("--trace-kind", default="mixed", help="which traces: mixed and/or hetero (see TRACES)")
     ap.add_argument("--real", action="store_true",
                     help="also run the bundled trained model with the real drafters (ngram, draft_model, layer_skip)")
     ap.add_argument("--real-only", action="store_true", help="run only the real-drafter section")
@@ -291,6 +303,9 @@ def parse_args(argv):
         ap.error(f"--model {bad[0]!r}: expected moe-bench or dense-bench")
     for name in ("batch", "ep", "ks"):
         setattr(a, name + "_list", [int(x) for x in getattr(a, name).split(",") if x])
+    bad = [t for t in a.trace_kind.split(",") if t not in TRACES]
+    if bad:
+        ap.error(f"--trace-kind {bad[0]!r}: expected one of {', '.join(TRACES)}")
     a.alpha_list = [float(x) for x in a.alpha.split(",") if x]
     a.decay_list = [float(x) for x in a.decay.split(",") if x]
     if any(not 0 <= x <= 1 for x in a.alpha_list + a.decay_list):
@@ -350,13 +365,13 @@ def main(argv=None) -> int:
                             log(f"{model} ep={ep} decay={decay} batch={batch} alpha={alpha}: off {off:.0f}, "
                                 f"best k={bk} {best:.0f}, auto {auto:.0f} ({auto / best:.2f}x best, "
                                 f"{auto / off:.2f}x off)")
-            if args.trace or args.trace_only:
-                phases = [(b, a) for b, a in ((1, 0.9), (16, 0.3), (4, 0.7), (max_b, 0.5), (2, 0.2), (8, 0.9))
-                          if b <= max_b]
+            for kind in (args.trace_kind.split(",") if args.trace or args.trace_only else []):
+                phases = [(b, a) for b, a in TRACES[kind] if b <= max_b]     # --batch's largest caps the phases
                 res, oracle, best_phase = run_trace(runner, pool, conts, phases, args.ks_list, args.reps,
                                                     args.new_tokens, args.seed, V, log)
                 best_p = max((p for p in res if p.startswith("k=")), key=res.get)
-                print(f"\n## Mixed trace: {model}, ep {ep}, phases (batch, alpha) {phases}\n")
+                print(f"\n## {kind.capitalize()} trace: {model}, ep {ep}, phases (batch, alpha or alphas cycled over "
+                      f"the requests) {phases}\n")
                 print("| policy | tokens/s | vs off | vs best fixed |")
                 print("|---|---:|---:|---:|")
                 for p, v in res.items():
