@@ -179,6 +179,12 @@ class CostModel:
         return np.array([1.0, len(q), min(n, kn), experts, float(attn), n * self.a2a_mb_per_token, max(0.0, n - kn)])
 
     @staticmethod
+    def _split_row(x: np.ndarray, knee: float) -> None:
+        """A target feature row's two token columns split at `knee` (in place)."""
+        n = x[TOK] + x[PAST]
+        x[TOK], x[PAST] = min(n, knee), max(n - knee, 0.0)
+
+    @staticmethod
     def reknee(A: np.ndarray, knee: float) -> np.ndarray:
         """Rows of target features with their two token columns split at another knee (a copy)."""
         A = np.array(A, dtype=float, ndmin=2)
@@ -192,8 +198,7 @@ class CostModel:
             return
         self.knee = float(knee)
         for x, _ in list(self._x) + list(self._profile_x):
-            n = x[TOK] + x[PAST]
-            x[TOK], x[PAST] = min(n, knee), max(n - knee, 0.0)
+            self._split_row(x, knee)
         if knee in self._prior_by_knee:
             self._prior_c = self._prior_by_knee[knee].copy()
 
@@ -266,10 +271,7 @@ class CostModel:
             if best is None or err < best[0] * (1 - 1e-9):
                 best = (err, knee)
         knee = best[1]
-        self.knee = float(knee)
-        for x, _ in self._profile_x:
-            n = x[TOK] + x[PAST]
-            x[TOK], x[PAST] = min(n, knee), max(n - knee, 0.0)
+        self._set_knee(knee)             # the rows were split at the current knee, as target_features does
         self.c = self._prior_by_knee[knee].copy()
         self._prior_c = self.c.copy()
 
@@ -300,6 +302,31 @@ class CostModel:
         coef = nnls(A, np.array([t for _, _, t in pts]))
         return float(coef[2])
 
+    def _random_tokens(self, seed: int):
+        """n -> n random token ids, from a generator of its own."""
+        V, gen = self.config.vocab_size, torch.Generator().manual_seed(seed)
+        return lambda n: torch.randint(0, V, (n,), generator=gen).tolist()
+
+    @staticmethod
+    def _timed_step(runner, slots, ctx0: int, q: int, rand) -> tuple[float, object]:
+        """(seconds, routing) of one target forward of q random tokens on each
+        slot after ctx0 cached. Every token's logits, as a verification step
+        asks (the LM head per row is a per-token cost: on a small model it is
+        most of it), returned as a greedy step returns them (argmax only:
+        under EP no logits rows cross back)."""
+        B = len(slots)
+        chunks = [Chunk(s, ctx0, rand(q)) for s in slots]
+        t0 = time.perf_counter()
+        o = runner.run(chunks, routing=True, num_logits=[q] * B, full=[False] * B)
+        return time.perf_counter() - t0, o.routing
+
+    def _point(self, B: int, q: int, ctx0: int, routing) -> np.ndarray:
+        """Target features of B sequences of q tokens after ctx0, with the distinct experts as measured."""
+        x = self.target_features([q] * B, [ctx0] * B)
+        if routing is not None and self.moe_layers:
+            x[3] = sum(routing.distinct_experts) / self.ep
+        return x
+
     def _profile_forward(self, runner, deadline):
         """Whole target forwards at chosen (batch, tokens) and two contexts.
         The two contexts are timed alternately (two groups of slots), each
@@ -314,11 +341,7 @@ class CostModel:
                 slots.append(cache.allocate())
             if not slots:
                 return X, y
-            V = self.config.vocab_size
-            gen = torch.Generator().manual_seed(0)
-
-            def rand(n):
-                return torch.randint(0, V, (n,), generator=gen).tolist()
+            rand = self._random_tokens(0)
             ctx_lo = min(16, cache.capacity // 4)
             ctx_hi = max(ctx_lo, min(256, cache.capacity - 9))
             if len(slots) >= 2 and ctx_hi > ctx_lo:
@@ -339,22 +362,14 @@ class CostModel:
                     for ctx0, group in groups:
                         if ctx0 + q > cache.capacity:
                             continue
-                        chunks = [Chunk(s, ctx0, rand(q)) for s in group[:B]]
-                        t0 = time.perf_counter()
-                        # every token's logits, as a verification step asks (the LM head per row is
-                        # a per-token cost: on a small model it is most of it), returned as a greedy
-                        # step returns them (argmax only: under EP no logits rows cross back)
-                        o = runner.run(chunks, routing=True, num_logits=[q] * B, full=[False] * B)
-                        t = time.perf_counter() - t0
+                        t, routing = self._timed_step(runner, group[:B], ctx0, q, rand)
                         if rep and (ctx0 not in best or t < best[ctx0][0]):
-                            best[ctx0] = (t, o.routing)
+                            best[ctx0] = (t, routing)
                 for ctx0, (t, routing) in best.items():
-                    x = self.target_features([q] * B, [ctx0] * B)
-                    if routing is not None and self.moe_layers:
-                        x[3] = sum(routing.distinct_experts) / self.ep     # the measured count
-                        self.experts.observe([q] * B, routing.mean_distinct)
-                    X.append(x)
+                    X.append(self._point(B, q, ctx0, routing))
                     y.append(t)
+                    if routing is not None and self.moe_layers:
+                        self.experts.observe([q] * B, routing.mean_distinct)
             self.experts.fit()
         finally:
             for s in slots:
@@ -377,11 +392,7 @@ class CostModel:
             room = cache.capacity - ctx0
             if len(slots) < 2 or room < 2:
                 return X, y
-            V = self.config.vocab_size
-            gen = torch.Generator().manual_seed(2)
-
-            def rand(n):
-                return torch.randint(0, V, (n,), generator=gen).tolist()
+            rand = self._random_tokens(2)
             runner.run([Chunk(s, 0, rand(ctx0)) for s in slots])           # fill the context
             B = len(slots)
             shapes = []
@@ -392,19 +403,9 @@ class CostModel:
             for B, q in shapes:
                 if time.perf_counter() > deadline:
                     break
-                best = None
-                for _ in range(2):
-                    chunks = [Chunk(s, ctx0, rand(q)) for s in slots[:B]]
-                    t0 = time.perf_counter()
-                    o = runner.run(chunks, routing=True, num_logits=[q] * B, full=[False] * B)
-                    t = time.perf_counter() - t0
-                    if best is None or t < best[0]:
-                        best = (t, o.routing)
-                t, routing = best
-                x = self.target_features([q] * B, [ctx0] * B)
-                if routing is not None and self.moe_layers:
-                    x[3] = sum(routing.distinct_experts) / self.ep
-                X.append(x)
+                t, routing = min((self._timed_step(runner, slots[:B], ctx0, q, rand) for _ in range(2)),
+                                 key=lambda r: r[0])
+                X.append(self._point(B, q, ctx0, routing))
                 y.append(t)
         finally:
             for s in slots:
@@ -416,8 +417,7 @@ class CostModel:
         if proposer is None or getattr(proposer, "synthetic", False):
             return Z, y
         from ..drafter.base import DraftInput
-        V = self.config.vocab_size
-        gen = torch.Generator().manual_seed(1)
+        rand = self._random_tokens(1)
         ids = iter(range(-1, -10_000, -1))        # request ids no real request has
         room = getattr(getattr(proposer, "cache", None), "free_slots", 4)
         for B in sorted({1, min(4, room)}):
@@ -426,7 +426,7 @@ class CostModel:
                     break
                 try:
                     reqs = [next(ids) for _ in range(B)]
-                    prompts = [torch.randint(0, V, (16,), generator=gen).tolist() for _ in range(B)]
+                    prompts = [rand(16) for _ in range(B)]
                     inputs = [DraftInput(r, p, k, 0.0, 0, 1.0, None) for r, p in zip(reqs, prompts)]
                     t0 = time.perf_counter()
                     proposer.propose(inputs)      # the first call includes the catch-up of 16 tokens
