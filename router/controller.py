@@ -278,15 +278,18 @@ class Controller:
         # more (a prefill-heavy step's own rate undervalues the time its drafts would add).
         g_ref = self.goodput
 
+        def grow(agg, j, k0, k1):
+            """The plan's aggregates after request j drafts k1 instead of k0."""
+            n_, neff_, attn_, drafting_, dtok_, depth_, lag_ = agg
+            dk, b, first = k1 - k0, base[j] + k0, k0 == 0
+            # tokens whose experts the rest of the step loads anyway add fewer new ones
+            return (n_ + dk, neff_ + ((b + dk) ** beta - b ** beta) * (1.0 - reuse[j]),
+                    attn_ + (dk * (ctxs[j] + b) + dk * (dk + 1) / 2) / 1000.0, drafting_ + first, dtok_ + dk,
+                    max(depth_, k1), lag_ + (lags[j] if first else 0))
+
         def extension(j, kp):
             """(dv, dT, new aggregates) of request j drafting kp instead of kk[j]."""
-            dk = kp - kk[j]
-            b = base[j] + kk[j]
-            # tokens whose experts the rest of the step loads anyway add fewer new ones
-            neff_ = neff + ((b + dk) ** beta - b ** beta) * (1.0 - reuse[j])
-            attn_ = attn + (dk * (ctxs[j] + b) + dk * (dk + 1) / 2) / 1000.0
-            first = kk[j] == 0
-            agg = (n + dk, neff_, attn_, drafting + first, dtok + dk, max(depth, kp), lag + (lags[j] if first else 0))
+            agg = grow((n, neff, attn, drafting, dtok, depth, lag), j, kk[j], kp)
             return cum[j][kp] - cum[j][kk[j]], price(*agg) - T, agg
 
         def search_scalar():
@@ -367,20 +370,11 @@ class Controller:
                 ku = [min(u, c) for c in caps]
                 if ku == kk:
                     continue
-                n_u, neff_u, attn_u, drafting_u, dtok_u, depth_u, lag_u = agg0
-                V_u = V0
+                agg, V_u = agg0, V0
                 for j, kj in enumerate(ku):
                     if kj:
-                        b = base[j]
-                        n_u += kj
-                        neff_u += ((b + kj) ** beta - b ** beta) * (1.0 - reuse[j])
-                        attn_u += (kj * (ctxs[j] + b) + kj * (kj + 1) / 2) / 1000.0
-                        drafting_u += 1
-                        dtok_u += kj
-                        depth_u = max(depth_u, kj)
-                        lag_u += lags[j]
+                        agg = grow(agg, j, 0, kj)
                         V_u += cum[j][kj]
-                agg = (n_u, neff_u, attn_u, drafting_u, dtok_u, depth_u, lag_u)
                 T_u = max(price(*agg), 1e-9)
                 gain = (V_u - V) - g * max(T_u - T, 0.0) * factor
                 if V_u > V and gain > 0 and (best is None or V_u / T_u > best[0]):     # the fastest that pays
