@@ -143,11 +143,7 @@ def test_distinct_experts_learns_locality_exponent():
 def test_cost_model_ranks_plans_like_the_true_timings():
     """Timings from a known linear model of the features, with noise: after
     fitting online, the model orders a set of candidate plans as the truth does."""
-    from specmoe.experts.config import ModelConfig, MoEConfig
-    c = ModelConfig(family="mixtral", architecture="MixtralForCausalLM", vocab_size=V, hidden_size=64,
-                    num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64,
-                    moe=MoEConfig(num_experts=16, top_k=2, expert_ffn=64, layers=(0, 1, 2, 3)))
-    cm = CostModel(c)
+    cm = CostModel(_moe_config())
     true_c = linear([2e-3, 1e-4, 3e-4, 2e-4, 5e-5, 0.0])
     true_d = np.array([5e-4, 1e-4, 2e-4, 3e-4, 2e-5])
     rng = np.random.default_rng(3)
