@@ -1,4 +1,4 @@
-"""Prompt lookup (n-gram) drafting: no model, no state.
+"""Prompt lookup (n-gram) drafting: no model.
 
 The drafts are the tokens that followed an earlier occurrence of the
 sequence's last n tokens, trying the longest n first: the most recent
@@ -6,6 +6,12 @@ occurrence that is followed by at least k tokens, else the one followed by the
 most (a repetition's latest occurrence is followed by only a token or two) (the idea of
 prompt-lookup decoding in transformers and vLLM's n-gram proposer). It pays
 off where the output copies from the context: code edits, summaries, RAG.
+
+`lookup` scans the whole sequence; the proposer answers the same from an
+index per request (n-gram -> start positions) that grows with the committed
+tokens, so a decode step costs a few dictionary probes instead of a scan of
+the context (a scan was ~0.25 ms per step at 200 tokens, a tenth of a batch-1
+step of the bundled model).
 """
 
 import numpy as np
@@ -34,6 +40,40 @@ def lookup(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
     return []
 
 
+class NgramIndex:
+    """One sequence's n-grams (min_n <= n <= max_n) -> their start positions
+    (ascending), for the starts followed by at least one token. `extend`
+    indexes what is new; `lookup` answers as the module's `lookup` does."""
+
+    def __init__(self, min_n: int, max_n: int):
+        self.min_n, self.max_n = min_n, max_n
+        self.tokens: list[int] = []
+        self.starts = {n: {} for n in range(min_n, max_n + 1)}   # n -> {gram: [start, ...]}
+
+    def extend(self, tokens: list[int]) -> None:
+        """Index `tokens`, which continue the tokens indexed so far."""
+        old = len(self.tokens)
+        self.tokens.extend(tokens[old:])
+        L, seq = len(self.tokens), self.tokens
+        for n, grams in self.starts.items():
+            # Starts s with s + n <= L - 1 are indexed; those up to old - 1 - n already were.
+            for s in range(max(0, old - n), L - n):
+                grams.setdefault(tuple(seq[s:s + n]), []).append(s)
+
+    def lookup(self, k: int) -> list[int]:
+        seq, L = self.tokens, len(self.tokens)
+        for n in range(min(self.max_n, L - 1), self.min_n - 1, -1):
+            hits = self.starts[n].get(tuple(seq[L - n:]))
+            if hits:
+                start = hits[0]                  # followed by the most tokens
+                for s in reversed(hits):         # the most recent followed by k (at most k fail)
+                    if s + n + k <= L:
+                        start = s
+                        break
+                return seq[start + n:start + n + k]
+        return []
+
+
 class NgramProposer(Proposer):
     """Proposes the continuation of the longest recent n-gram match
     (min_n <= n <= max_n); one-hot drafts (probs None), the same at any temperature."""
@@ -44,11 +84,24 @@ class NgramProposer(Proposer):
         if not isinstance(max_n, int) or max_n < min_n:
             raise ValueError(f"ngram max_n must be an integer >= min_n ({min_n}), got {max_n!r}")
         self.min_n, self.max_n, self.name = min_n, max_n, name
+        self._index: dict[int, NgramIndex] = {}
+
+    def _synced(self, inp: DraftInput) -> NgramIndex:
+        """The request's index, extended to inp.tokens; rebuilt when inp.tokens
+        does not continue what it indexed (the id now names another sequence)."""
+        idx = self._index.get(inp.req_id)
+        if idx is None or len(inp.tokens) < len(idx.tokens) or inp.tokens[:len(idx.tokens)] != idx.tokens:
+            idx = self._index[inp.req_id] = NgramIndex(self.min_n, self.max_n)
+        idx.extend(inp.tokens)
+        return idx
 
     def propose(self, inputs: list[DraftInput]) -> list[Proposal]:
         out = []
         for inp in inputs:
             if inp.k < 1:
                 raise ValueError(f"request {inp.req_id}: k must be >= 1, got {inp.k}")
-            out.append(Proposal(lookup(inp.tokens, inp.k, self.min_n, self.max_n)))
+            out.append(Proposal(self._synced(inp).lookup(inp.k)))
         return out
+
+    def release(self, req_id: int) -> None:
+        self._index.pop(req_id, None)

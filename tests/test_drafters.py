@@ -22,6 +22,7 @@ import torch
 from specmoe import Engine, SamplingParams
 from specmoe.drafter import (DraftInput, ModelProposer, NgramProposer, SyntheticProposer, draft_model_proposer,
                              layer_skip_proposer)
+from specmoe.drafter.ngram import lookup
 from specmoe.experts.checkpoint import read_checkpoint
 
 VOCAB = 128
@@ -112,6 +113,27 @@ def test_ngram_no_match():
     assert ask(p, (0, [1, 2, 3, 4], 3), (1, [5], 3), (2, [3, 1, 3], 2)) == [[], [], [1, 3]]
     assert all(pr.probs is None for pr in p.propose([DraftInput(0, [3, 1, 3], 2)]))
 
+
+def test_ngram_index_answers_as_the_scan():
+    """The proposer's per-request index, grown a few tokens at a time (as
+    decode commits them), proposes what the stateless scan `lookup` finds at
+    every length, for small vocabularies (many repeats) and every k; a request
+    id reused for another sequence, or released, starts a fresh index."""
+    rng = random.Random(7)
+    for trial in range(120):
+        V, min_n = rng.choice([2, 3, 5, 16]), rng.randint(1, 3)
+        max_n = rng.randint(min_n, 4)
+        p = NgramProposer(min_n, max_n)
+        seq = [rng.randrange(V) for _ in range(rng.randint(1, 50))]
+        L = rng.randint(1, 4)
+        while L <= len(seq):
+            k = rng.choice([1, 3, 8])
+            assert ask(p, (trial, seq[:L], k)) == [lookup(seq[:L], k, min_n, max_n)], (seq[:L], k, min_n, max_n)
+            L += rng.randint(1, 5)
+        other = [rng.randrange(V) for _ in range(20)]
+        assert ask(p, (trial, other, 3)) == [lookup(other, 3, min_n, max_n)]
+        p.release(trial)
+        assert trial not in p._index
 
 @pytest.mark.parametrize("kw, msg", [(dict(min_n=0), "min_n"), (dict(min_n=3, max_n=2), "max_n"),
                                      (dict(max_n=2.5), "max_n")])
