@@ -155,7 +155,7 @@ class EPRunner:
         self._step = 0
         self._error: str | None = None
         self.workers, self.pg, self._dag, self._channel, self._pings = [], None, None, None, None
-        self.links: list[str] = []        # socket control: "unix" or "tcp" per rank
+        self.links: list[str] = []        # socket control per rank: "unix+shm", "unix" or "tcp"
 
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:

@@ -146,14 +146,15 @@ class EPWorker:
         """Open the socket control connection to the router (Unix socket on the
         router's node, else TCP) and serve steps on it from a thread of this
         process (experts/ep_channel.py); the actor's own thread stays free for
-        Ray calls (new_cache, liveness pings). Returns the socket family used."""
+        Ray calls (new_cache, liveness pings). Returns the link: "unix+shm"
+        (rows through shared memory), "unix" or "tcp"."""
         import ray
 
         from .ep_channel import connect, start_thread
         same = ray.get_runtime_context().get_node_id() == router_node
-        sock = connect(address, token, self.rank, 30.0, same)
-        start_thread(sock, self._step_parts, self.rank)
-        return "unix" if sock.family == socket.AF_UNIX else "tcp"
+        sock, region = connect(address, token, self.rank, 30.0, same)
+        start_thread(sock, self._step_parts, self.rank, region)
+        return "tcp" if sock.family != socket.AF_UNIX else "unix+shm" if region is not None else "unix"
 
     def ping(self) -> int:
         return self.rank

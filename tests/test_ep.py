@@ -56,11 +56,12 @@ def test_balanced_placement_evens_out_measured_load():
 SPANS = [[(1, 1)], [(0, 1), (2, 1)]]      # rank 0's row goes to row 1, rank 1's to rows 0 and 2
 
 
-def _channel_pair():
+def _channel_pair(shm_bytes=None):
     """A router channel and two "workers" serving on threads (rank 0 over the
-    Unix socket, rank 1 over TCP): rank r answers a
-    plan with (plan + its rank, r + 1 rows of value r + column + 10 row), rank 1 raises on
-    b"boom"; a stranger without the token connects first and is refused."""
+    Unix socket with a shared rows region of shm_bytes (None: the default),
+    rank 1 over TCP): rank r answers a plan with (plan + its rank, r + 1 rows
+    of value r + column + 10 row), rank 1 raises on b"boom"; a stranger
+    without the token connects first and is refused."""
     import socket
 
     from specmoe.experts import ep_channel as ch
@@ -75,23 +76,36 @@ def _channel_pair():
             rows = rank + torch.arange(3.0) + 10 * torch.arange(rank + 1.0)[:, None]
             return bytes(plan) + bytes([rank]), rows.numpy()
         return step
-    socks = {r: ch.connect(router.address, router.token, r, 5.0, same_node=r == 0) for r in (1, 0)}
-    assert socks[0].family == socket.AF_UNIX and socks[1].family == socket.AF_INET
-    for r, sock in socks.items():
-        ch.start_thread(sock, step_of(r), r)
+    kw = {} if shm_bytes is None else {"shm_bytes": shm_bytes}
+    links = {r: ch.connect(router.address, router.token, r, 5.0, same_node=r == 0, **kw) for r in (1, 0)}
+    assert links[0][0].family == socket.AF_UNIX and links[1][0].family == socket.AF_INET
+    assert links[1][1] is None and (links[0][1] is None) == (shm_bytes == 0)
+    for r, (sock, region) in links.items():
+        ch.start_thread(sock, step_of(r), r, region)
     router.accept(5.0)
     stranger.close()
-    return router, socks
+    return router, {r: sock for r, (sock, _) in links.items()}
 
 
-def test_control_channel_frames_logits_into_place_and_reports_failures():
+@pytest.mark.parametrize("shm_bytes", [None, 8, 0], ids=["shared", "too-small", "no-region"])
+def test_control_channel_frames_logits_into_place_and_reports_failures(shm_bytes):
     """Rows land in their places in the router's tensor (rank 1's rows around
-    rank 0's); a step that raises comes back as that rank's failure, a closed
-    connection as its death."""
+    rank 0's), rank 0's through its shared region where they fit (12 bytes do
+    not fit in 8: inline) and inline over TCP for rank 1; a step that raises
+    comes back as that rank's failure, a closed connection as its death."""
     import socket
 
+    from specmoe.experts import ep_channel as ch
     from specmoe.experts.ep_channel import ChannelError
-    router, _ = _channel_pair()
+    router, _ = _channel_pair(shm_bytes)
+    assert (router.shared[0] is not None) == (shm_bytes != 0) and router.shared[1] is None
+    sent = {}
+    real_send = ch._send
+
+    def spy(sock, buffers):          # which status each worker's frame carried
+        sent.setdefault(sock.family, []).append(ch._RESULT.unpack(bytes(buffers[0]))[2])
+        real_send(sock, buffers)
+    ch._send = spy
     try:
         for _ in range(2):
             router.broadcast(b"go")
@@ -99,13 +113,16 @@ def test_control_channel_frames_logits_into_place_and_reports_failures():
             got = router.gather(logits, SPANS, 5.0, 0.05, lambda: None)
             assert [bytes(m) for m in got] == [b"go\x00", b"go\x01"]
             assert torch.equal(logits, torch.tensor([[1.0, 2, 3], [0, 1, 2], [11, 12, 13]]))
+        shared = ch._SHARED if shm_bytes is None else ch._INLINE
+        assert sent == {socket.AF_UNIX: [shared] * 2, socket.AF_INET: [ch._INLINE] * 2}
         router.broadcast(b"boom")
         with pytest.raises(ChannelError, match="ValueError: bad plan") as err:
             router.gather(torch.empty(3, 3), SPANS, 5.0, 0.05, lambda: None)
         assert err.value.rank == 1 and not err.value.closed
     finally:
+        ch._send = real_send
         router.close()
-    router, socks = _channel_pair()
+    router, socks = _channel_pair(shm_bytes)
     try:
         socks[0].shutdown(socket.SHUT_RDWR)          # rank 0's process "dies"
         with pytest.raises(ChannelError) as err:     # sending to it (Unix socket) or reading from it (TCP)
@@ -401,7 +418,7 @@ def test_two_nodes_spread_with_balanced_placement_give_the_same_output(ray_clust
                                       expert_load=per_expert)
     try:
         assert len({node_id for node_id, _, _ in runner.nodes}) == 2, runner.nodes
-        assert sorted(runner.links) == ["tcp", "unix"]        # the worker off the router's node: TCP
+        assert sorted(runner.links) == ["tcp", "unix+shm"]    # the worker off the router's node: TCP
         assert runner.placement != contiguous(8, 2)
         outs = Engine(runner, speculation={"method": "ngram", "k": 3}).generate(
             PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
