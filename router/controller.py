@@ -95,10 +95,11 @@ class Controller:
         if stats is not None and runner.config.moe is not None and reuse_weight > 0:
             stats.keep_ids = True
             self._ids_stats = stats
-        # Quiet: the last full plan drafted nothing; until a probe is accepted or
-        # replan_every steps pass, steps skip the plan (and the drafter).
+        # Quiet: the last full plan drafted nothing; until a probe is accepted, replan_every steps pass
+        # or a request that plan did not decide for needs a decision, steps skip the plan (and the drafter).
         self.quiet = False
         self._quiet_steps = 0
+        self._quiet_ids: frozenset = frozenset()    # the requests the plan that turned quiet decided for
         self.replan_every = replan_every
         # Steady: the last full plans gave every request the same k; until the batch, a cap, a probe or a
         # cool-down changes, or reuse_every steps pass, the plan is kept (and those steps teach nothing new).
@@ -127,8 +128,10 @@ class Controller:
         decides for (keeping s.k as the cap); others keep theirs. Returns the
         seconds the decision took."""
         t0 = time.perf_counter()
-        # (A request arriving while quiet starts on the probe schedule its predecessors reached.)
-        if self.quiet and self._quiet_steps < self.replan_every:
+        # "Nothing pays" was decided for one batch: a request arriving while quiet is planned for at once (the
+        # tail of a batch, 1-2 requests with a token or two left, may not pay where the next batch does).
+        if self.quiet and self._quiet_steps < self.replan_every and all(
+                s.req.id in self._quiet_ids for s in sched if is_auto(s) and not s.partial and s.k > 0):
             return self._quiet_plan(sched, is_auto, t0)
         q = np.array([s.num_new + (0 if is_auto(s) else s.k) for s in sched], dtype=float)
         ctx = np.array([s.req.num_cached for s in sched], dtype=float)
@@ -171,6 +174,7 @@ class Controller:
         if not reuse:
             self.quiet = not self.fallback and bool(auto) and not any(k[i] for i in auto)
             self._quiet_steps = 0
+            self._quiet_ids = frozenset(sched[i].req.id for i in auto) if self.quiet else frozenset()
             if self._ids_stats is not None:
                 self._ids_stats.keep_ids = not self.quiet     # per-token routing only matters while drafting
         plan_s = time.perf_counter() - t0
@@ -179,10 +183,10 @@ class Controller:
         return plan_s
 
     def _quiet_plan(self, sched, is_auto, t0: float) -> float:
-        """Nothing drafted at the last full plan and nothing learned since: only
-        probes draft. The cheapest path (a step of a small model is ~1 ms): no
-        arrays, and the features of the step only when it is one of the 1 in 8
-        that feed the cost model."""
+        """Nothing drafted at the last full plan, nothing learned since and no
+        request it did not decide for: only probes draft. The cheapest path (a
+        step of a small model is ~1 ms): no arrays, and the features of the step
+        only when it is one of the 1 in 8 that feed the cost model."""
         self._quiet_steps += 1
         chosen = self.k_chosen
         for s in sched:

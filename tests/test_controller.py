@@ -413,6 +413,39 @@ def test_fallback_to_static_k_when_the_model_is_wrong(runner):
     assert [e.k for e in s] == [ctl.fallback_k, 1]
 
 
+def test_quiet_does_not_hold_over_a_batch_that_arrives(runner):
+    """The last plan of a batch prices its tail (2 requests, 1 token left to draft
+    each) against the rate the whole batch ran at, so it drafts nothing and the
+    controller turns quiet. A batch of 32 that arrives then is planned as a
+    controller that never saw the tail plans it (in bench_controller's moe-bench
+    batch 32 alpha 0.9 cell the quiet state carried over from one repetition into
+    the next, which drafted nothing for its first 8 steps of 32: mean k 2, 0.8x the
+    best fixed k). Where the arriving batch cannot pay either, the steps after its
+    one full plan are quiet again."""
+    c = [4e-3, 4e-4, 9e-4, 2.5e-4, 6e-4, 0, 5e-4]       # the bending price of the uniform-depth test
+
+    def ctl_at(goodput):
+        ctl = _controller(runner, c, [0, 0, 0, 0, 0], acceptance=0.9)
+        ctl.cost.knee, ctl.goodput = 32.0, goodput
+        return ctl
+    ctl, fresh = ctl_at(600.0), ctl_at(600.0)
+    tail = sched_for(2, cap=1, start_id=300)
+    ctl.plan(tail, lambda e: True)
+    assert [e.k for e in tail] == [0, 0] and ctl.quiet
+    batch, ref = sched_for(32, start_id=400), sched_for(32, start_id=400)
+    ctl.plan(batch, lambda e: True)
+    fresh.plan(ref, lambda e: True)
+    assert [e.k for e in batch] == [e.k for e in ref] and np.mean([e.k for e in ref]) >= 4
+    assert not ctl.quiet
+    ctl.goodput = 1e5                                    # now no draft can pay: one full plan, then quiet steps
+    later = sched_for(32, start_id=500)
+    ctl.plan(later, lambda e: True)
+    assert ctl.quiet and not any(e.k for e in later)
+    again = sched_for(32, start_id=500)
+    ctl.plan(again, lambda e: True)
+    assert ctl._quiet_steps == 1 and not any(e.k for e in again)
+
+
 def test_steady_load_gives_a_steady_near_optimal_plan(runner):
     """A simulated steady load (true step time from a fixed linear model,
     acceptance 0.7 per position): after warm-up the plan's true expected goodput
