@@ -417,7 +417,7 @@ class EPRunner:
                     raise ValueError(f"num_logits {n} outside 1..{len(c.tokens)} for a chunk of {len(c.tokens)}")
         check_full(full, len(chunks))
         rows = rows_per_chunk(chunks, num_logits, all_logits)
-        spans, num_rows = self._layout(chunks, rows, full)
+        spans, num_rows, every, num_all = self._layout(chunks, rows, full)
         self._step += 1
         plan = _encode.encode(StepPlan(self._step, [ChunkMsg(c.slot, c.start, c.tokens) for c in chunks],
                                        num_logits, all_logits, cache.id, layer_ids, routing, full))
@@ -443,7 +443,7 @@ class EPRunner:
                                   for r in res], spans, num_rows, V)
         argmax = None
         if full is not None:
-            argmax = self._argmax(res, *self._layout(chunks, rows, None))
+            argmax = self._argmax(res, every, num_all)
         if self._remote_device:
             logits = logits.to(self.model.device)      # the argmax stays on the host: it is read there
         out = StepOutput(logits=logits, routing=self._routing(res) if routing else None, argmax=argmax)
@@ -451,24 +451,34 @@ class EPRunner:
         out.extra.update(self._measurements(res, t4 - t0, (t1 - t0) + (t4 - t2), t2 - t1))
         return out
 
-    def _layout(self, chunks, rows: list[int], full: list[bool] | None) -> tuple[list[list[tuple[int, int]]], int]:
+    def _layout(self, chunks, rows: list[int], full: list[bool] | None) -> tuple[list, int, list | None, int]:
         """Where each rank's rows go: per rank, (first output row, rows) spans
-        in the order the rank sends them (its chunks in plan order; with
-        `full`, its full chunks only), adjacent spans merged; and the number of
-        output rows."""
+        in the order the rank sends them (its chunks in plan order), adjacent
+        spans merged, and the number of output rows: for the logits (with
+        `full`, its full chunks only) and, with `full`, for every row's argmax
+        (else None, 0). One pass over the chunks for both."""
         W = self.W
         spans: list[list[tuple[int, int]]] = [[] for _ in range(W)]
-        row = 0
+        every: list[list[tuple[int, int]]] | None = None if full is None else [[] for _ in range(W)]
+        row = at = 0
         for i, (c, n) in enumerate(zip(chunks, rows)):
-            if full is not None and not full[i]:
-                continue
-            mine = spans[c.slot % W]
+            r = c.slot % W
+            if every is not None:
+                mine = every[r]
+                if mine and mine[-1][0] + mine[-1][1] == at:
+                    mine[-1] = (mine[-1][0], mine[-1][1] + n)
+                else:
+                    mine.append((at, n))
+                at += n
+                if not full[i]:
+                    continue
+            mine = spans[r]
             if mine and mine[-1][0] + mine[-1][1] == row:
                 mine[-1] = (mine[-1][0], mine[-1][1] + n)
             else:
                 mine.append((row, n))
             row += n
-        return spans, row
+        return spans, row, every, at
 
     @staticmethod
     def _place(blocks: list[torch.Tensor | None], spans, num_rows: int, V: int) -> torch.Tensor:
@@ -509,7 +519,7 @@ class EPRunner:
                 else:
                     for e, n in zip(held, counts):
                         flat[base + e] = n
-        return RoutingSnapshot(tokens_per_expert=torch.tensor(flat, dtype=torch.int64).view(-1, E),
+        return RoutingSnapshot(tokens_per_expert=torch.frombuffer(array("q", flat), dtype=torch.int64).view(-1, E),
                                distinct_experts=[E - flat[b:b + E].count(0) for b in range(0, len(flat), E)])
 
     def _measurements(self, res: list[StepResult], total_s: float, router_s: float, wait_s: float) -> dict:
