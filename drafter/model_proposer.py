@@ -66,12 +66,23 @@ class ModelProposer(Proposer):
     Temperature 0: argmax drafts, probs None. Temperature > 0: each draft is
     sampled with the request's generator from probs_from_logits(temperature,
     top_k, top_p), and those rows are returned as the proposal's probs.
-    At most max_seq_len - len(tokens) + 1 tokens are drafted (the cache's room)."""
+    At most max_seq_len - len(tokens) + 1 tokens are drafted (the cache's room).
+
+    min_confidence > 0 stops a request's drafting early, after a draft whose
+    probability under the drafter (softmax of its logits; for a sampled draft
+    the filtered distribution it was drawn from) is below it: that draft is
+    kept, no further one is made. Like transformers' assistant confidence
+    threshold, it spares the draft forwards and the verified tokens (on an MoE
+    target: the experts they load) that would most likely be rejected. The
+    rule reads the drafter's side only, so sampling stays exact."""
 
     def __init__(self, runner: ModelRunner, layer_ids: list[int] | None = None, max_seqs: int = 8,
-                 max_seq_len: int = 2048, name: str = "draft_model"):
+                 max_seq_len: int = 2048, name: str = "draft_model", min_confidence: float = 0.0):
         if max_seqs < 1 or max_seq_len < 1:
             raise ValueError(f"{name}: max_seqs and max_seq_len must be >= 1, got {max_seqs}, {max_seq_len}")
+        if not 0.0 <= min_confidence < 1.0:
+            raise ValueError(f"{name}: min_confidence must be in [0, 1), got {min_confidence!r}")
+        self.min_confidence = float(min_confidence)
         if max_seq_len > runner.model.max_positions:
             raise ValueError(f"{name}: max_seq_len {max_seq_len} exceeds the model's rotary table of "
                              f"{runner.model.max_positions} positions")
@@ -104,9 +115,9 @@ class ModelProposer(Proposer):
     def _run(self, chunks: list[Chunk], inputs: list[DraftInput]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each chunk's last-token argmax (B,) and the logits rows of the sampled
         inputs only (greedy drafts need no more, which under EP keeps their
-        rows off the control plane)."""
+        rows off the control plane), or of every input with min_confidence."""
         out = self.runner.run(chunks, cache=self.cache, layer_ids=self.layer_ids,
-                              full=[inp.temperature > 0 for inp in inputs])
+                              full=[self.min_confidence > 0 or inp.temperature > 0 for inp in inputs])
         return out.argmax, out.logits
 
     def propose(self, inputs: list[DraftInput]) -> list[Proposal]:
@@ -137,10 +148,12 @@ class ModelProposer(Proposer):
         rows: dict[int, list[torch.Tensor]] = {i: [] for i in live}
         best, logits = self._run(chunks, [inputs[i] for i in live])
         while True:
-            for i, tok, row in zip(live, *self._pick(best, logits, [inputs[i] for i in live])):
+            for i, tok, row, conf in zip(live, *self._pick(best, logits, [inputs[i] for i in live])):
                 drafts[i].append(tok)
                 if row is not None:
                     rows[i].append(row)
+                if conf < self.min_confidence:
+                    want[i] = len(drafts[i])         # unsure: this draft is the last
             live = [i for i in live if len(drafts[i]) < want[i]]
             if not live:
                 break
@@ -157,26 +170,43 @@ class ModelProposer(Proposer):
         return out
 
     def _pick(self, best: torch.Tensor, logits: torch.Tensor,
-              inputs: list[DraftInput]) -> tuple[list[int], list[torch.Tensor | None]]:
-        """best (B,) argmax, logits (sampled inputs' rows, V) -> one draft token
-        per input, and the distribution it was drawn from ((V,) float32) for
-        sampled inputs, None for greedy ones."""
+              inputs: list[DraftInput]) -> tuple[list[int], list[torch.Tensor | None], list[float]]:
+        """best (B,) argmax, logits (the full inputs' rows, V: sampled ones, or
+        all with min_confidence) -> one draft token per input, the
+        distribution it was drawn from ((V,) float32) for sampled inputs (None
+        for greedy ones), and its probability under the drafter (1.0 without
+        min_confidence)."""
         toks = best.tolist()                                           # B ids
         probs: list[torch.Tensor | None] = [None] * len(inputs)
+        conf = [1.0] * len(inputs)
+        judge = self.min_confidence > 0
         drawn: list[tuple[int, torch.Tensor]] = []
+        greedy_rows: list[int] = []                                    # (input, logits row) of judged greedy drafts
+        at = 0
         for b, inp in enumerate(inputs):
             if inp.temperature > 0:
-                p = probs_from_logits(logits[len(drawn):len(drawn) + 1], inp.temperature, inp.top_k, inp.top_p)
+                p = probs_from_logits(logits[at:at + 1], inp.temperature, inp.top_k, inp.top_p)
                 drawn.append((b, sample(p, inp.generator)))                # (1,)
                 probs[b] = p[0]
+            elif judge:
+                greedy_rows.append(b)
+            at += 1 if judge or inp.temperature > 0 else 0
         if drawn:                                                      # one more host sync, for all sampled rows
             for (b, _), t in zip(drawn, torch.cat([t for _, t in drawn]).tolist()):
                 toks[b] = t
-        return toks, probs
+                if judge:
+                    conf[b] = float(probs[b][t])
+        if greedy_rows:                                                # the argmax's softmax: 1 / sum exp(l - max)
+            idx = torch.tensor(greedy_rows)
+            top = torch.softmax(logits.index_select(0, idx).float(), dim=-1).amax(dim=-1).tolist()
+            for b, c in zip(greedy_rows, top):
+                conf[b] = c
+        return toks, probs, conf
 
 
 def draft_model_proposer(target_config: ModelConfig, draft_path, device="cpu", dtype="float32",
-                         max_seqs: int = 8, max_seq_len: int = 2048, name: str = "draft_model") -> ModelProposer:
+                         max_seqs: int = 8, max_seq_len: int = 2048, name: str = "draft_model",
+                         min_confidence: float = 0.0) -> ModelProposer:
     """A ModelProposer over the draft checkpoint at `draft_path`. Refuses a
     draft whose vocab_size differs from the target's (equal sizes are
     necessary, not sufficient: the tokenizers must be the same too)."""
@@ -187,11 +217,11 @@ def draft_model_proposer(target_config: ModelConfig, draft_path, device="cpu", d
                          f"the target's vocabulary")
     runner = ModelRunner.from_pretrained(draft_path, device=device, dtype=dtype, max_seqs=max_seqs,
                                          max_seq_len=max_seq_len)
-    return ModelProposer(runner, None, max_seqs, max_seq_len, name)
+    return ModelProposer(runner, None, max_seqs, max_seq_len, name, min_confidence)
 
 
 def layer_skip_proposer(target_runner: ModelRunner, layers: int | list[int], max_seqs: int = 8,
-                        max_seq_len: int = 2048, name: str = "layer_skip") -> ModelProposer:
+                        max_seq_len: int = 2048, name: str = "layer_skip", min_confidence: float = 0.0) -> ModelProposer:
     """Self-speculation: the target's layers `layers` (an int L' means the
     first L'; a list is an explicit sorted subset), then its final norm and LM
     head, over a KV cache of those layers only."""
@@ -201,4 +231,4 @@ def layer_skip_proposer(target_runner: ModelRunner, layers: int | list[int], max
             raise ValueError(f"layer skip: {layers} layers requested, expected 1..{N - 1} "
                              f"(the target has {N})")
         layers = list(range(layers))
-    return ModelProposer(target_runner, layers, max_seqs, max_seq_len, name)
+    return ModelProposer(target_runner, layers, max_seqs, max_seq_len, name, min_confidence)

@@ -43,8 +43,9 @@ def build_proposer(spec: SpeculationConfig, runner: ModelRunner, max_seqs: int, 
         return drafter.NgramProposer(min_n=spec.min_n, max_n=spec.max_n)
     if spec.method == "draft_model":
         m = runner.model
-        return drafter.draft_model_proposer(runner.config, spec.draft_model, m.device, m.dtype, max_seqs, max_seq_len)
-    return drafter.layer_skip_proposer(runner, spec.layers, max_seqs, max_seq_len)
+        return drafter.draft_model_proposer(runner.config, spec.draft_model, m.device, m.dtype, max_seqs, max_seq_len,
+                                            min_confidence=spec.min_confidence)
+    return drafter.layer_skip_proposer(runner, spec.layers, max_seqs, max_seq_len, min_confidence=spec.min_confidence)
 
 
 class Engine:

@@ -14,6 +14,8 @@ class SpeculationConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     layers: int | list[int] | None = None  # layer_skip: the first L' layers, or an explicit subset
     min_n: int = 1                  # ngram: shortest suffix matched
     max_n: int = 3                  # ngram: longest suffix matched
+    min_confidence: float = 0.0     # draft_model / layer_skip: stop drafting after a draft the drafter
+                                    # gives less probability than this (0: always draft k)
 
     def __post_init__(self):
         if self.method != "off" and self.method not in METHODS:
@@ -23,6 +25,11 @@ class SpeculationConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
             raise ValueError(f"speculation k must be in 0..64, got {self.k}")
         if self.method == "draft_model" and not self.draft_model:
             raise ValueError("speculation method 'draft_model' needs 'draft_model': a checkpoint path")
+        if not 0.0 <= self.min_confidence < 1.0:
+            raise ValueError(f"speculation min_confidence must be in [0, 1), got {self.min_confidence!r}")
+        if self.min_confidence and self.method not in ("draft_model", "layer_skip"):
+            raise ValueError(f"speculation min_confidence applies to draft_model and layer_skip, "
+                             f"not {self.method!r}")
         if self.method == "layer_skip" and self.layers is None:
             raise ValueError("speculation method 'layer_skip' needs 'layers': a count or a list of layer indices")
 

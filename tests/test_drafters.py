@@ -233,6 +233,55 @@ def test_draft_model_sampling_replays(ckpts, target_cfg, draft_engine):
             torch.testing.assert_close(got.probs, alone.probs, atol=1e-5, rtol=0)
 
 
+def test_draft_model_confidence_stop(ckpts, target_cfg):
+    """min_confidence: the drafts are transformers' greedy continuation of the
+    draft checkpoint up to and including the first whose softmax probability
+    is below the threshold; several requests in one batch stop at their own
+    positions, a stopped request's cache stays in step (the next call with its
+    drafts committed equals a fresh proposer's), and the threshold is checked."""
+    from transformers import LlamaForCausalLM
+    hf = LlamaForCausalLM.from_pretrained(ckpts["draft"], dtype=torch.float32).eval()
+
+    def reference(toks, k, c):
+        ids, out = list(toks), []
+        with torch.no_grad():
+            for _ in range(k):
+                p = torch.softmax(hf(torch.tensor([ids])).logits[0, -1], -1)
+                out.append(int(p.argmax()))
+                ids.append(out[-1])
+                if p.max() < c:
+                    break
+        return out
+
+    prompts = [tokens(8 + 3 * i, 60 + i) for i in range(6)]
+    K = 8
+    # The threshold: the median top probability over the prompts' first 8 greedy drafts, so some stop early.
+    with torch.no_grad():
+        tops = []
+        for t in prompts:
+            ids = list(t)
+            for _ in range(K):
+                p = torch.softmax(hf(torch.tensor([ids])).logits[0, -1], -1)
+                tops.append(float(p.max()))
+                ids.append(int(p.argmax()))
+    c = sorted(tops)[len(tops) // 2]
+    prop = draft_model_proposer(target_cfg, ckpts["draft"], max_seqs=6, max_seq_len=MAX_LEN, min_confidence=c)
+    got = ask(prop, *[(i, t, K) for i, t in enumerate(prompts)])
+    want = [reference(t, K, c) for t in prompts]
+    assert got == want
+    assert len({len(d) for d in got}) > 1 and min(len(d) for d in got) < K    # stops differ, some early
+    nxt = [(i, t + d + [5], 3) for i, (t, d) in enumerate(zip(prompts, got))]
+    assert ask(prop, *nxt) == [reference(t, k, c) for _, t, k in nxt]
+    assert ask(draft_model_proposer(target_cfg, ckpts["draft"], max_seqs=1, max_seq_len=MAX_LEN,
+                                    min_confidence=c), (0, *nxt[2][1:])) == [reference(nxt[2][1], 3, c)]
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="min_confidence"):
+            draft_model_proposer(target_cfg, ckpts["draft"], max_seqs=1, max_seq_len=MAX_LEN, min_confidence=bad)
+    with pytest.raises(ValueError, match="min_confidence applies to draft_model and layer_skip"):
+        Engine.from_pretrained(ckpts["target"], max_batch=1, max_seq_len=MAX_LEN,
+                               speculation={"method": "ngram", "min_confidence": 0.5})
+
+
 def test_draft_model_vocab_mismatch(ckpts, target_cfg):
     with pytest.raises(ValueError, match=r"vocab_size 96.*has 128"):
         draft_model_proposer(target_cfg, ckpts["draft96"], max_seqs=1, max_seq_len=32)

@@ -36,7 +36,10 @@ def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 
 @pytest.mark.slow
-def test_speculative_sampling_matches_exact_target_distribution(tmp_path):
+@pytest.mark.parametrize("min_confidence, N", [(0.0, N), (0.3, 6_000)], ids=["k2", "k2-confidence-stop"])
+def test_speculative_sampling_matches_exact_target_distribution(tmp_path, min_confidence, N):
+    """With min_confidence the drafter stops after a draft it drew with q < 0.3
+    (a rule on the drafter's side only): still exact, on fewer samples."""
     target = _model(0, tmp_path / "t", 2, 32)
     draft = _model(1, tmp_path / "d", 1, 16)
     with torch.no_grad():
@@ -50,19 +53,27 @@ def test_speculative_sampling_matches_exact_target_distribution(tmp_path):
     assert 0.2 < (p1.max() - p1.min()).item() and torch.minimum(p1, q1).sum() < 0.95   # neither flat nor equal
 
     eng = Engine.from_pretrained(tmp_path / "t", max_batch=64, max_seq_len=16,
-                                 speculation={"method": "draft_model", "k": 2, "draft_model": str(tmp_path / "d")})
+                                 speculation={"method": "draft_model", "k": 2, "draft_model": str(tmp_path / "d"),
+                                              "min_confidence": min_confidence})
     params = [SamplingParams(max_tokens=3, temperature=T, seed=i, ignore_eos=True) for i in range(N)]
     toks = torch.zeros(N, 3, dtype=torch.long)
     first_step_accepted = torch.zeros(N, dtype=torch.long)
+    first_step_drafted = torch.zeros(N, dtype=torch.long)
     seen = torch.zeros(N, dtype=torch.bool)
     filled = [0] * N
     for c in eng.generate_stream([PROMPT] * N, params):
         if not seen[c.index]:
             seen[c.index] = True
             first_step_accepted[c.index] = c.accepted_tokens
+            first_step_drafted[c.index] = c.draft_tokens
         toks[c.index, filled[c.index]:filled[c.index] + len(c.token_ids)] = torch.tensor(c.token_ids)
         filled[c.index] += len(c.token_ids)
     assert all(f == 3 for f in filled)
+    stopped = (first_step_drafted == 1).double().mean().item()
+    if min_confidence:       # the first draft's q is below 0.3 often enough to matter, not always
+        assert 0.1 < stopped < 0.9, stopped
+    else:
+        assert stopped == 0
 
     assert chi2_pvalue(torch.bincount(toks[:, 0], minlength=V), p1) > P_MIN
     assert chi2_pvalue(torch.bincount(toks[:, 0] * V + toks[:, 1], minlength=V * V), joint12.reshape(-1)) > P_MIN

@@ -45,12 +45,14 @@ def spec_engine(kind, k, target, draft, plain_outs=None, alpha=0.7, **engine_opt
                       speculation={"k": k})
     spec = {"ngram": {"method": "ngram", "k": k},
             "draft_model": {"method": "draft_model", "k": k, "draft_model": str(draft)},
+            "draft_model_confident": {"method": "draft_model", "k": k, "draft_model": str(draft),
+                                      "min_confidence": 0.5},
             "layer_skip": {"method": "layer_skip", "k": k, "layers": 2}}[kind]
     return Engine.from_pretrained(target, max_batch=8, max_seq_len=256, speculation=spec, **engine_options)
 
 
 @pytest.mark.parametrize("k", [1, 3, 8])
-@pytest.mark.parametrize("kind", ["ngram", "draft_model", "layer_skip", "synthetic"])
+@pytest.mark.parametrize("kind", ["ngram", "draft_model", "draft_model_confident", "layer_skip", "synthetic"])
 def test_greedy_speculation_is_lossless(kind, k, target, draft, plain):
     ref_eng, want = plain
     eng = spec_engine(kind, k, target, draft, want)
@@ -63,6 +65,8 @@ def test_greedy_speculation_is_lossless(kind, k, target, draft, plain):
     drafted = sum(o.stats.draft_tokens for o in batch)
     accepted = sum(o.stats.accepted_tokens for o in batch)
     assert drafted > 0 and 0 <= accepted <= drafted
+    if kind == "draft_model_confident" and k > 1:      # the confidence stop cut many steps short of k
+        assert drafted < 0.8 * k * sum(o.stats.steps for o in batch)       # (plain draft_model: ~0.97)
     for o in batch:
         # every step commits accepted + 1 tokens (the last step may be cut at max_tokens)
         assert o.stats.steps <= 64 - o.stats.accepted_tokens + 1 and len(o.token_ids) == 64
