@@ -10,11 +10,15 @@ assistant's generation_config (keyword arguments to generate() do not reach
 it), so it runs twice: with its defaults (up to 20 drafts per step, drafting
 stops once the assistant's top probability falls below 0.4; no scikit-learn,
 so that threshold stays fixed) and with k fixed like specmoe (num_assistant_tokens
-= k, schedule "constant", confidence threshold 0). The goal ratio is taken
-against the faster of the two. Drafted / accepted / steps of transformers are
+= k, schedule "constant", confidence threshold 0). specmoe's draft model runs
+the same two ways: k fixed, and like transformers' defaults (up to
+--conf-k drafts, drafting stopped after a draft the draft model gives less than
+--min-confidence, 0.4 as transformers). The goal ratio is taken between the
+faster configuration of each. Drafted / accepted / steps of transformers are
 counted by wrapping its candidate generators' update_candidate_strategy.
 
     .venv/bin/python scripts/bench_vs_transformers.py [--target DIR --draft DIR] [--k 4] [--new-tokens 64] [--reps 7]
+        [--conf-k 20] [--min-confidence 0.4]
 """
 
 import argparse
@@ -39,6 +43,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--conf-k", type=int, default=20, help="specmoe's confidence-stopped draft model: most drafts")
+    ap.add_argument("--min-confidence", type=float, default=0.4)
     a = ap.parse_args()
     import transformers
     from transformers import AutoModelForCausalLM
@@ -62,6 +68,9 @@ def main() -> None:
     cap = 1024
     engines = {"draft_model": Engine.from_pretrained(a.target, max_batch=1, max_seq_len=cap, speculation={
                    "method": "draft_model", "k": a.k, "draft_model": a.draft}),
+               "draft_model conf": Engine.from_pretrained(a.target, max_batch=1, max_seq_len=cap, speculation={
+                   "method": "draft_model", "k": a.conf_k, "draft_model": a.draft,
+                   "min_confidence": a.min_confidence}),
                "ngram": Engine.from_pretrained(a.target, max_batch=1, max_seq_len=cap,
                                                speculation={"method": "ngram", "k": a.k}),
                "off": Engine.from_pretrained(a.target, max_batch=1, max_seq_len=cap)}
@@ -89,6 +98,7 @@ def main() -> None:
                "transformers prompt lookup": lambda ids: hf("lookup", ids),
                "specmoe off": lambda ids: sm("off", ids),
                "specmoe draft_model": lambda ids: sm("draft_model", ids),
+               f"specmoe draft_model k<={a.conf_k} conf {a.min_confidence}": lambda ids: sm("draft_model conf", ids),
                "specmoe ngram": lambda ids: sm("ngram", ids)}
     prompts = [tok.encode(p).ids for p in PROMPTS]
     times = {m: [] for m in methods}
@@ -118,7 +128,12 @@ def main() -> None:
         print(f"| {m} | {tps[m]:.0f} [{total / max(v):.0f}..{total / min(v):.0f}] | {cols[0]} | {cols[1]} | {cols[2]} |")
     print()
     best = max(("transformers assisted", f"transformers assisted k={a.k}"), key=tps.get)
-    for ours, theirs in (("specmoe draft_model", best), ("specmoe ngram", "transformers prompt lookup"),
+    ours_best = max(("specmoe draft_model", f"specmoe draft_model k<={a.conf_k} conf {a.min_confidence}"), key=tps.get)
+    print(f"like for like: specmoe draft_model / transformers assisted k={a.k}: "
+          f"{tps['specmoe draft_model'] / tps[f'transformers assisted k={a.k}']:.2f}x; "
+          f"confidence-stopped / transformers assisted (defaults): "
+          f"{tps[f'specmoe draft_model k<={a.conf_k} conf {a.min_confidence}'] / tps['transformers assisted']:.2f}x")
+    for ours, theirs in ((ours_best, best), ("specmoe ngram", "transformers prompt lookup"),
                          ("specmoe off", "transformers greedy")):
         r = tps[ours] / tps[theirs]
         print(f"{ours} / {theirs}: {r:.2f}x" + ("" if "off" in ours else f" -> goal >= 2x {'MET' if r >= 2 else 'NOT MET'}"))
