@@ -18,7 +18,12 @@ faster configuration of each. Drafted / accepted / steps of transformers are
 counted by wrapping its candidate generators' update_candidate_strategy.
 
     .venv/bin/python scripts/bench_vs_transformers.py [--target DIR --draft DIR] [--k 4] [--new-tokens 64] [--reps 7]
-        [--conf-k 20] [--min-confidence 0.4]
+        [--conf-k 20] [--min-confidence 0.4] [--threads N]
+
+--threads sets torch's intra-op threads for both sides (default: torch's own,
+one per core). On a 2-core machine shared with another torch process, two
+threads each oversubscribe the cores and OpenMP's waiting makes single
+repetitions 10-100x slower at random; one thread each does not.
 """
 
 import argparse
@@ -45,7 +50,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--conf-k", type=int, default=20, help="specmoe's confidence-stopped draft model: most drafts")
     ap.add_argument("--min-confidence", type=float, default=0.4)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     a = ap.parse_args()
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
     import transformers
     from transformers import AutoModelForCausalLM
 
