@@ -461,22 +461,20 @@ class EPRunner:
         spans: list[list[tuple[int, int]]] = [[] for _ in range(W)]
         every: list[list[tuple[int, int]]] | None = None if full is None else [[] for _ in range(W)]
         row = at = 0
+        def add(mine: list[tuple[int, int]], first: int, n: int) -> None:     # merged with an adjacent span
+            if mine and mine[-1][0] + mine[-1][1] == first:
+                mine[-1] = (mine[-1][0], mine[-1][1] + n)
+            else:
+                mine.append((first, n))
+
         for i, (c, n) in enumerate(zip(chunks, rows)):
             r = c.slot % W
             if every is not None:
-                mine = every[r]
-                if mine and mine[-1][0] + mine[-1][1] == at:
-                    mine[-1] = (mine[-1][0], mine[-1][1] + n)
-                else:
-                    mine.append((at, n))
+                add(every[r], at, n)
                 at += n
                 if not full[i]:
                     continue
-            mine = spans[r]
-            if mine and mine[-1][0] + mine[-1][1] == row:
-                mine[-1] = (mine[-1][0], mine[-1][1] + n)
-            else:
-                mine.append((row, n))
+            add(spans[r], row, n)
             row += n
         return spans, row, every, at
 
