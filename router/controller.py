@@ -281,6 +281,13 @@ class Controller:
         # The price of a second: what this step makes of it, or what recent steps did if that is
         # more (a prefill-heavy step's own rate undervalues the time its drafts would add).
         g_ref = self.goodput
+        if not g_ref:
+            # No step measured yet (an engine's first): a prompt's prefill step's own rate is what its drafts
+            # would be priced at otherwise (~90 tokens/s on the bundled pair, where it decodes at ~500, so its
+            # first prefill drafted 8 that cannot pay); its sampled requests' decode step, as priced, stands in.
+            dec = self.cost.target_features([1] * sampling, [s.req.num_cached + s.num_new - 1 for s in sched
+                                                             if not s.partial])
+            g_ref = sampling / max(self.cost.predict(dec, np.zeros(len(self.cost.d))), 1e-9)
 
         def grow(agg, j, k0, k1):
             """The plan's aggregates after request j drafts k1 instead of k0."""
