@@ -102,7 +102,10 @@ class DistinctExperts:
         return float(self.predict_from_neff(self.n_eff(q))) if self.E else 0.0
 
     def observe(self, q, mean_distinct: float) -> None:
-        if not self.E or not len(q):
+        # A step of one token per sequence has n_eff = len(q) at every beta: it adds the same error to each and
+        # tells nothing, yet it took a place in the window; at batch 1 a run of undrafted steps (each a
+        # decode of 1 token) filled the window with ties and beta fell to the first candidate, 0.1.
+        if not self.E or not len(q) or max(q) <= 1:
             return
         # n_eff of this step for every candidate beta, computed once (rows of a table for small counts)
         if all(type(v) is int and 0 <= v < len(self._pow) for v in q):

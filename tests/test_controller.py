@@ -729,3 +729,21 @@ def test_draft_profile_times_the_drafter_after_a_target_forward():
         if z[4] == 16:
             assert abs(t / truth(int(z[2])) - 1) < 0.15, (z, t)
     assert runner.cache.free_slots == 1
+
+
+def test_distinct_experts_keep_their_exponent_through_undrafted_steps():
+    """Steps of one token per sequence tell nothing of the locality exponent (n_eff
+    = sequences at every beta); 200 of them at batch 1 (a quiet stretch) had
+    filled the window with ties and set beta to 0.1, pricing a 9-token draft's
+    experts as 1.25 tokens'. The exponent learned before them is kept."""
+    rng = np.random.default_rng(2)
+    de = DistinctExperts(16, 2)
+    for _ in range(64):
+        q = rng.integers(1, 10, size=4).tolist()
+        de.observe(q, float(de.predict_from_neff(sum(v ** 0.5 for v in q))))
+    de.fit()
+    assert de.beta == pytest.approx(0.5)
+    for _ in range(200):
+        de.observe([1], float(de.predict_from_neff(1.0)))
+    de.fit()
+    assert de.beta == pytest.approx(0.5)
