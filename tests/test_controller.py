@@ -747,3 +747,28 @@ def test_distinct_experts_keep_their_exponent_through_undrafted_steps():
         de.observe([1], float(de.predict_from_neff(1.0)))
     de.fit()
     assert de.beta == pytest.approx(0.5)
+
+
+def test_quiet_replans_back_off_while_nothing_pays(runner):
+    """One request for which nothing pays: every full plan that finds it quiet again
+    doubles the stretch of quiet steps before the next (16, 32, 64, 128 steps),
+    where a full plan (~0.2 ms in the step loop at batch 1, a step ~2 ms) came
+    every 16 steps; a plan that drafts starts the stretch at 16 again."""
+    ctl = _controller(runner, [5e-3, 1e-4, 1e-2, 1e-4, 1e-5, 0], [1e-4, 1e-5, 1e-5, 1e-5, 0], acceptance=0.0)
+    ctl.cost.refit = lambda: None               # the price stays as set: this tests the cadence of the plans
+    full = []
+    inner = ctl._greedy
+    ctl._greedy = lambda *a: full.append(ctl._observed) or inner(*a)
+    for _ in range(240):
+        s = sched_for(1, start_id=700)
+        ctl.plan(s, lambda e: True)
+        t = ctl.cost.predict(ctl.cost.target_features([1 + s[0].k], [39]), np.zeros(5))    # as priced
+        ctl.observe([(700, s[0].k, 0, True)], [1 + s[0].k], [s[0].k], target_s=t, draft_s=0.0, step_s=t,
+                    distinct=None)
+    assert full == [0, 17, 50, 115], full
+    ctl.quiet, ctl.goodput = False, 0.0         # now drafting pays
+    ctl.cost.c[2] = 0.0
+    ctl.acceptance = AcceptanceEstimator(8)
+    s = sched_for(1, start_id=700)
+    ctl.plan(s, lambda e: True)
+    assert s[0].k > 0 and ctl._quiet_every == ctl.replan_every
