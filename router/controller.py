@@ -105,6 +105,11 @@ class Controller:
         # A full plan that finds the same requests quiet again doubles the quiet stretch (up to 8 x replan_every):
         # at batch 1 each such plan (~0.2 ms in the step loop) came every 16 steps of ~2 ms.
         self._quiet_every = replan_every
+        # Quiet steps are all alike (no drafts) and each one sampled costs ~0.1 ms in the step loop (features,
+        # prediction, error window; numpy cold after the forward): 1 in 32 feeds the cost model once its error
+        # is known (1 in 8 before that, and always for a kept plan's steps), a multiple of 8 so observe's test
+        # for those holds too.
+        self.quiet_sample_every = 32
         # Steady: the last full plans gave every request the same k; until the batch, a cap, a probe or a
         # cool-down changes, or reuse_every steps pass, the plan is kept (and those steps teach nothing new).
         self.reuse_every = reuse_every
@@ -193,7 +198,7 @@ class Controller:
         """Nothing drafted at the last full plan, nothing learned since and no
         request it did not decide for: only probes draft. The cheapest path (a
         step of a small model is ~1 ms): no arrays, and the features of the step
-        only when it is one of the 1 in 8 that feed the cost model."""
+        only when it is one of the 1 in `quiet_sample_every` that feed the cost model."""
         self._quiet_steps += 1
         chosen = self.k_chosen
         for s in sched:
@@ -205,7 +210,8 @@ class Controller:
             st = self._state.get(s.req.id) or self._new_state(s.req.id)
             s.k = 1 if st.probe and not st.cooldown else 0
             chosen[s.k] += 1
-        if (self._observed + 1) % 8 == 0:
+        every = self.quiet_sample_every if self.cost.mape is not None else 8     # 1 in 8 until the error is known
+        if (self._observed + 1) % every == 0:
             ctx = np.array([s.req.num_cached for s in sched], dtype=float)
             self._decision = Decision(ctx, {}, self._lag(sched), learn=False)
         else:
@@ -435,7 +441,7 @@ class Controller:
         t0 = time.perf_counter()
         d = self._decision
         self._observed += 1
-        # Full plans feed the cost model; a kept plan's steps and quiet steps only 1 in 8.
+        # Full plans feed the cost model; a kept plan's steps only 1 in 8, quiet steps 1 in quiet_sample_every.
         sample = d is not None and d.ctx is not None and (d.learn or self._observed % 8 == 0)
         if sample and len(d.ctx) == len(q):
             x = self.cost.target_features(q, d.ctx)
