@@ -37,6 +37,8 @@ class Proposer(ABC):
 
     name: str = "proposer"
     synthetic: bool = False               # synthetic drafters exist for benchmarks only
+    cheap: bool = False                   # proposing costs nothing next to a step: an auto engine asks at the
+                                          # cap before it plans and cuts each proposal to the planned k
 
     @abstractmethod
     def propose(self, inputs: list[DraftInput]) -> list[Proposal]:

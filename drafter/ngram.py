@@ -78,6 +78,8 @@ class NgramProposer(Proposer):
     """Proposes the continuation of the longest recent n-gram match
     (min_n <= n <= max_n); one-hot drafts (probs None), the same at any temperature."""
 
+    cheap = True      # a few dictionary probes; the auto engine asks at the cap before it plans
+
     def __init__(self, min_n: int = 1, max_n: int = 3, name: str = "ngram"):
         if not isinstance(min_n, int) or min_n < 1:
             raise ValueError(f"ngram min_n must be an integer >= 1, got {min_n!r}")

@@ -323,15 +323,27 @@ class Engine:
             if s.req.slot is None:
                 s.req.slot = self.runner.cache.allocate()
         ctl = self.controller
-        plan_s = 0.0
+        plan_s = early_s = 0.0
+        proposals = None
         if ctl is not None and any(s.req.auto for s in plan):
+            if self.proposer is not None and self.proposer.cheap:
+                # A drafter that costs nothing next to a step (n-gram lookup) is asked at the caps first, so
+                # the plan neither prices nor counts drafts it cannot deliver (no match: nothing to draft).
+                te = time.perf_counter()
+                proposals = self._propose(plan)
+                for s in plan:
+                    if s.req.auto and s.k > 0:
+                        s.k = min(s.k, len(proposals[s.req.id].tokens)) if s.req.id in proposals else 0
+                early_s = time.perf_counter() - te
             plan_s = ctl.plan(plan, lambda s: s.req.auto)
         else:
             ctl = None
         t1 = time.perf_counter()
-        proposals = self._propose(plan)
+        if proposals is None:
+            proposals = self._propose(plan)
         drafts = [proposals[s.req.id].tokens[:s.k] if s.req.id in proposals else [] for s in plan]
         t2 = time.perf_counter()
+        draft_s = t2 - t1 + early_s               # the drafter's time, before or after the plan
         chunks, rows = [], []
         for s, d in zip(plan, drafts):
             r = s.req
@@ -384,7 +396,7 @@ class Engine:
             self.telemetry.experts_loaded += sum(report.distinct_experts)
             self.telemetry.expert_rows += int(out.routing.tokens_per_expert.sum())
         report.extra.update(out.extra)
-        report.phase_s = {"schedule": t1 - t0, "propose": t2 - t1, "forward": t3 - t2, "verify": t4 - t3}
+        report.phase_s = {"schedule": t1 - t0 - early_s, "propose": draft_s, "forward": t3 - t2, "verify": t4 - t3}
         report.step_s = t4 - t0
         if ctl is not None:
             report.phase_s["plan"] = plan_s
@@ -393,7 +405,7 @@ class Engine:
                 ctl.observe_routing([s.req.id for s in plan], [len(c.tokens) for c in chunks],
                                     out.routing.token_experts)
             ctl.observe(results, [len(c.tokens) for c in chunks], [len(d) for d in drafts],
-                        target_s=report.step_s - (t2 - t1) - plan_s, draft_s=t2 - t1, step_s=report.step_s,
+                        target_s=report.step_s - draft_s - plan_s, draft_s=draft_s, step_s=report.step_s,
                         distinct=report.distinct_experts or None)
         tel = self.telemetry
         tel.steps += 1

@@ -598,6 +598,22 @@ def test_auto_with_real_drafters_is_lossless(moe_path, plain, spec):
     assert eng.controller is not None and eng.controller.cost.profile_seconds > 0
 
 
+def test_auto_plans_only_drafts_the_ngram_drafter_can_deliver(moe_path, plain):
+    """The n-gram drafter is asked at the cap before the plan: every step's
+    chosen k is what it then verifies (no match: k = 0, not a k the drafter
+    leaves empty and the controller counts as rejected), and the output is
+    the plain one."""
+    eng = Engine.from_pretrained(moe_path, max_batch=8, max_seq_len=128,
+                                 speculation={"method": "ngram", "k": 6, "auto": True})
+    chunks = list(eng.generate_stream(PROMPTS, SamplingParams(max_tokens=48, ignore_eos=True)))
+    assert all(c.k == c.draft_tokens for c in chunks), [(c.k, c.draft_tokens) for c in chunks if c.k != c.draft_tokens]
+    assert sum(c.draft_tokens for c in chunks) > 0
+    got = [[] for _ in PROMPTS]
+    for c in chunks:
+        got[c.index] += c.token_ids
+    assert got == plain
+
+
 def test_request_level_auto_on_a_fixed_k_engine(moe_path, plain):
     eng = Engine.from_pretrained(moe_path, max_batch=8, max_seq_len=128,
                                  speculation={"method": "ngram", "k": 3})
