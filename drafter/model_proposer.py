@@ -74,7 +74,9 @@ class ModelProposer(Proposer):
     kept, no further one is made. Like transformers' assistant confidence
     threshold, it spares the draft forwards and the verified tokens (on an MoE
     target: the experts they load) that would most likely be rejected. The
-    rule reads the drafter's side only, so sampling stays exact."""
+    rule reads the drafter's side only, so sampling stays exact. It needs every
+    draft row's logits (not only the argmax), so under expert parallelism a
+    layer-skip drafter's greedy rows then cross the control plane in full."""
 
     def __init__(self, runner: ModelRunner, layer_ids: list[int] | None = None, max_seqs: int = 8,
                  max_seq_len: int = 2048, name: str = "draft_model", min_confidence: float = 0.0):
@@ -181,22 +183,24 @@ class ModelProposer(Proposer):
         conf = [1.0] * len(inputs)
         judge = self.min_confidence > 0
         drawn: list[tuple[int, torch.Tensor]] = []
-        greedy_rows: list[int] = []                                    # (input, logits row) of judged greedy drafts
-        at = 0
+        greedy_rows: list[int] = []          # judged greedy inputs; with judge every input has a row, row b
         for b, inp in enumerate(inputs):
             if inp.temperature > 0:
-                p = probs_from_logits(logits[at:at + 1], inp.temperature, inp.top_k, inp.top_p)
+                row = b if judge else len(drawn)                       # else only sampled inputs have rows
+                p = probs_from_logits(logits[row:row + 1], inp.temperature, inp.top_k, inp.top_p)
                 drawn.append((b, sample(p, inp.generator)))                # (1,)
                 probs[b] = p[0]
             elif judge:
                 greedy_rows.append(b)
-            at += 1 if judge or inp.temperature > 0 else 0
-        if drawn:                                                      # one more host sync, for all sampled rows
-            for (b, _), t in zip(drawn, torch.cat([t for _, t in drawn]).tolist()):
+        if drawn:                            # one more host sync, for all sampled rows (and their probabilities)
+            picked = torch.cat([t for _, t in drawn])
+            got = picked.tolist()
+            drawn_p = torch.stack([probs[b][t] for (b, _), t in zip(drawn, got)]).tolist() if judge else None
+            for j, ((b, _), t) in enumerate(zip(drawn, got)):
                 toks[b] = t
                 if judge:
-                    conf[b] = float(probs[b][t])
-        if greedy_rows:                                                # the argmax's softmax: 1 / sum exp(l - max)
+                    conf[b] = drawn_p[j]
+        if greedy_rows:                                                # the argmax's softmax probability
             idx = torch.tensor(greedy_rows)
             top = torch.softmax(logits.index_select(0, idx).float(), dim=-1).amax(dim=-1).tolist()
             for b, c in zip(greedy_rows, top):

@@ -10,8 +10,8 @@ off where the output copies from the context: code edits, summaries, RAG.
 `lookup` scans the whole sequence; the proposer answers the same from an
 index per request (n-gram -> start positions) that grows with the committed
 tokens, so a decode step costs a few dictionary probes instead of a scan of
-the context (a scan was ~0.25 ms per step at 200 tokens, a tenth of a batch-1
-step of the bundled model).
+the context (~0.08 ms against ~0.01 ms a step at 200-400 tokens, timed alone,
+next to a batch-1 step of the bundled model of ~2 ms).
 """
 
 import numpy as np

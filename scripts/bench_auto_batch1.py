@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_forward import cpu_model, loadavg  # noqa: E402
-from bench_spec import git_revision  # noqa: E402
+from bench_spec import git_revision, rotate  # noqa: E402
 from bench_vs_transformers import PROMPTS  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def main() -> None:
     times = {n: [] for n in names}
     stats, outs = {}, {}
     for rep in range(a.warmup + a.reps):
-        for n in names[rep % len(names):] + names[:rep % len(names)]:
+        for n in rotate(names, rep):
             t0 = time.perf_counter()
             done = [engines[n].generate([p], params)[0] for p in prompts]
             dt = time.perf_counter() - t0
