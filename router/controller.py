@@ -35,9 +35,15 @@ Around the plan:
   the plan ignores timings until it recovers (and `stats` says so): each auto
   request drafts while its next draft is expected accepted with probability
   >= 1/2, at most `fallback_k` tokens;
+- a step where no request it decides for can draft (prompt parts, an n-gram
+  lookup without a match) is not planned;
+- the cost model learns from every step until its error is known, then from
+  1 in N drafting steps, N set so that learning costs about `learn_budget` of
+  the step time (N = 1 where steps are long);
 - the decision's own time is measured (`overhead`).
 """
 
+import math
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -62,7 +68,7 @@ class _ReqState:
 @dataclass
 class Decision:
     """What `plan` decided, kept until `observe`."""
-    ctx: np.ndarray | None          # cached tokens per scheduled entry (None: a quiet step not sampled)
+    ctx: list | None                # cached tokens per scheduled entry (None: a quiet step not sampled)
     breakeven: dict                 # req id -> tokens the request's drafts had to gain to pay
     lag: list                       # per entry: tokens the drafter had to catch up on first
     learn: bool = True              # the step's timing and routing feed the cost model
@@ -72,7 +78,7 @@ class Controller:
     def __init__(self, runner, proposer, k_max: int = 8, *, fallback_k: int = 4, mape_bound: float = 0.5,
                  margin: float = 0.01, max_backoff: int = 256, explore: float = 1.0, reuse_weight: float = 1.0,
                  replan_every: int = 16, reuse_every: int = 4, hedge: float = 1.0, profile: bool = True,
-                 profile_budget_s: float = 3.0, log=None):
+                 profile_budget_s: float = 3.0, learn_budget: float = 0.005, log=None):
         if k_max < 1:
             raise ValueError(f"controller k_max must be >= 1, got {k_max}")
         self.k_max, self.fallback_k, self.mape_bound = k_max, fallback_k, mape_bound
@@ -110,6 +116,15 @@ class Controller:
         # is known (1 in 8 before that, and always for a kept plan's steps), a multiple of 8 so observe's test
         # for those holds too.
         self.quiet_sample_every = 32
+        # Learning (features, prediction, error window, refits, routing masks) costs ~60-100 us a step on CPU,
+        # numpy cold after the forward: ~4% of a 2.6 ms batch-1 step of the bundled model. Once the model's error
+        # is known, full plans' steps feed it 1 in `_learn_every`, the interval that keeps that cost near
+        # learn_budget of the step time (every step where steps are long).
+        self.learn_budget = learn_budget
+        self._learn_every = 1
+        self._learn_wait = 0
+        self._learn_s = 0.0         # EWMA of a sampled step's learning time
+        self._routing_s = 0.0
         # Steady: the last full plans gave every request the same k; until the batch, a cap, a probe or a
         # cool-down changes, or reuse_every steps pass, the plan is kept (and those steps teach nothing new).
         self.reuse_every = reuse_every
@@ -142,12 +157,14 @@ class Controller:
         if self.quiet and self._quiet_steps < self._quiet_every and all(
                 s.req.id in self._quiet_ids for s in sched if is_auto(s) and not s.partial and s.k > 0):
             return self._quiet_plan(sched, is_auto, t0)
-        q = np.array([s.num_new + (0 if is_auto(s) else s.k) for s in sched], dtype=float)
-        ctx = np.array([s.req.num_cached for s in sched], dtype=float)
+        if not any(s.k > 0 and not s.partial and is_auto(s) for s in sched):
+            return self._idle_plan(sched, is_auto, t0)
         fixed_k = [0 if is_auto(s) else s.k for s in sched]
+        q = [float(s.num_new + f) for s, f in zip(sched, fixed_k)]
+        ctx = [float(s.req.num_cached) for s in sched]
         auto = [i for i, s in enumerate(sched) if is_auto(s) and not s.partial and s.k > 0]
         sampling = sum(1 for s in sched if not s.partial)
-        k = np.zeros(len(sched))
+        k = [0] * len(sched)
         breakeven: dict[int, float] = {}
         lag = self._lag(sched)
         reuse = (not self.fallback and self._steady >= 2 and self._since_full + 1 < self.reuse_every
@@ -189,8 +206,12 @@ class Controller:
                                  if self.quiet and was_quiet and self._quiet_ids == was_ids else self.replan_every)
             if self._ids_stats is not None:
                 self._ids_stats.keep_ids = not self.quiet     # per-token routing only matters while drafting
+        if reuse:
+            learn = (self._observed + 1) % 8 == 0      # a kept plan's steps teach little new: 1 in 8
+        else:
+            learn = self._learn_due()
         plan_s = time.perf_counter() - t0
-        self._decision = Decision(ctx, breakeven, lag, learn=not reuse)
+        self._decision = Decision(ctx, breakeven, lag, learn=learn)
         self.overhead_s += plan_s
         return plan_s
 
@@ -212,13 +233,36 @@ class Controller:
             chosen[s.k] += 1
         every = self.quiet_sample_every if self.cost.mape is not None else 8     # 1 in 8 until the error is known
         if (self._observed + 1) % every == 0:
-            ctx = np.array([s.req.num_cached for s in sched], dtype=float)
-            self._decision = Decision(ctx, {}, self._lag(sched), learn=False)
+            self._decision = Decision([float(s.req.num_cached) for s in sched], {}, self._lag(sched), learn=True)
         else:
             self._decision = Decision(None, {}, None, learn=False)
         plan_s = time.perf_counter() - t0
         self.overhead_s += plan_s
         return plan_s
+
+    def _idle_plan(self, sched, is_auto, t0: float) -> float:
+        """No request the controller decides for can draft this step (prompt
+        parts, or a drafter that delivered nothing: an n-gram lookup without a
+        match, half the steps at batch 1): nothing to plan, and the quiet and
+        steady state stay as the last full plan left them."""
+        for s in sched:
+            if is_auto(s):
+                s.k = 0
+        if self._learn_due():
+            self._decision = Decision([float(s.req.num_cached) for s in sched], {}, self._lag(sched), learn=True)
+        else:
+            self._decision = Decision(None, {}, None, learn=False)
+        plan_s = time.perf_counter() - t0
+        self.overhead_s += plan_s
+        return plan_s
+
+    def _learn_due(self) -> bool:
+        """Whether this step (not a kept plan's, not a quiet one) feeds the cost model."""
+        self._learn_wait += 1
+        if self._learn_wait >= self._learn_every or self.cost.mape is None:
+            self._learn_wait = 0
+            return True
+        return False
 
     def _reusable(self, sched, auto) -> bool:
         """The last full plan applies unchanged: same requests and caps, none probing or cooling down."""
@@ -260,15 +304,14 @@ class Controller:
                 caps[j] = min(caps[j], 1)
                 probes.append(j)
         # cum[j][m]: expected tokens gained by drafting m tokens (sum of survival products)
-        est = np.cumprod(self.acceptance.estimate(ids, explore=self.explore), axis=1)
-        cum = np.concatenate([np.zeros((len(ids), 1)), np.cumsum(est, axis=1)], axis=1).tolist()
+        cum = self.acceptance.gains(ids, explore=self.explore)
         base = [float(q[i]) for i in auto]
         ctxs = [float(ctx[i]) for i in auto]
         reuse = self._overlap(ids, [sched[i].req.id for i in range(len(sched))])
-        qs = q.tolist()
+        qs = q
         n = sum(qs)
         neff = sum(x ** beta for x in qs)
-        attn = sum(a * b + a * (a + 1) / 2 for a, b in zip(qs, ctx.tolist())) / 1000.0
+        attn = sum(a * b + a * (a + 1) / 2 for a, b in zip(qs, ctx)) / 1000.0
         drafting = sum(1 for f in fixed_k if f > 0)
         dtok = float(sum(fixed_k))
         depth = float(max(fixed_k, default=0))
@@ -441,8 +484,9 @@ class Controller:
         t0 = time.perf_counter()
         d = self._decision
         self._observed += 1
-        # Full plans feed the cost model; a kept plan's steps only 1 in 8, quiet steps 1 in quiet_sample_every.
-        sample = d is not None and d.ctx is not None and (d.learn or self._observed % 8 == 0)
+        # Full plans feed the cost model (1 in _learn_every), a kept plan's steps 1 in 8, quiet steps 1 in
+        # quiet_sample_every.
+        sample = d is not None and d.ctx is not None and d.learn
         if sample and len(d.ctx) == len(q):
             x = self.cost.target_features(q, d.ctx)
             z = self.cost.draft_features(drafts, d.lag)
@@ -452,6 +496,9 @@ class Controller:
                 self.cost.experts.observe(q, sum(moe) / len(moe))
                 x[3] = sum(moe) / self.cost.ep            # fit on the measured count
             self.cost.observe(x, z, target_s, draft_s, predicted)
+            spent = time.perf_counter() - t0 + self._routing_s
+            self._learn_s = spent if not self._learn_s else 0.9 * self._learn_s + 0.1 * spent
+        self._routing_s = 0.0
         if results:
             self.acceptance.observe([r[0] for r in results], [r[1] for r in results], [r[2] for r in results])
         for rid, drafted, accepted, auto in results:
@@ -502,6 +549,7 @@ class Controller:
             else:
                 self._g_tok, self._g_s = 0.9 * self._g_tok + 0.1 * tok, 0.9 * self._g_s + 0.1 * step_s
             self.goodput = self._g_tok / self._g_s
+            self._learn_every = min(16, max(1, math.ceil(self._learn_s / (self.learn_budget * self._g_s))))
         self.step_s += step_s
         self.overhead_s += time.perf_counter() - t0
 
@@ -541,7 +589,8 @@ class Controller:
         masks = hit > 0
         for j, rid in enumerate(req_ids):
             self._recent[rid] = masks[j]
-        self.overhead_s += time.perf_counter() - t0
+        self._routing_s = time.perf_counter() - t0
+        self.overhead_s += self._routing_s
 
     def _overlap(self, auto_ids, step_ids) -> list[float]:
         """Per auto request: the share of its recent experts that the step's other

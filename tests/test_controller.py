@@ -110,21 +110,43 @@ def test_acceptance_prior_strength_follows_how_much_requests_differ(spread):
         assert est.strength > 8 * est.prior_strength
 
 
-def test_acceptance_updates_for_few_and_many_requests_agree():
-    """Up to 8 requests update their counts by slices, more by array masks: a
-    request's own counts come out the same either way."""
+def test_acceptance_counts_follow_the_censored_updates():
+    """Each verification of d drafts with a accepted: positions 0..a-1
+    accepted, position a rejected when a < d, nothing seen beyond; seen
+    positions of the request decay by request_decay first. The counts of every
+    request equal that rule applied with array masks, whether its
+    verifications come alone or with eleven others in a step."""
     rng = np.random.default_rng(5)
-    many, few = AcceptanceEstimator(8), AcceptanceEstimator(8)
+    together, alone = AcceptanceEstimator(8), AcceptanceEstimator(8)
     ids = list(range(12))
+    A, N = np.zeros((12, 8)), np.zeros((12, 8))
+    pos, rd = np.arange(8), together.request_decay
     for _ in range(50):
         drafted = rng.integers(0, 9, 12)
         accepted = [int(rng.integers(0, d + 1)) for d in drafted]
-        many.observe(ids, drafted, accepted)                 # 12 at once: the array path
-        for i in range(0, 12, 4):                            # 4 at a time: the slice path
-            few.observe(ids[i:i + 4], drafted[i:i + 4], accepted[i:i + 4])
-    rows = lambda est: [est._row[i] for i in ids]  # noqa: E731
-    np.testing.assert_allclose(many._a[rows(many)], few._a[rows(few)])
-    np.testing.assert_allclose(many._n[rows(many)], few._n[rows(few)])
+        together.observe(ids, drafted, accepted)
+        for i in ids:
+            alone.observe([i], [drafted[i]], [accepted[i]])
+        acc = np.array(accepted)
+        seen = (np.minimum(acc + 1, drafted)[:, None] > pos) & (drafted[:, None] > 0)
+        hit = acc[:, None] > pos
+        A = np.where(seen, A * rd, A) + hit
+        N = np.where(seen, N * rd, N) + seen
+    for est in (together, alone):
+        got = [est.counts(i) for i in ids]
+        np.testing.assert_allclose([g[0] for g in got], A)
+        np.testing.assert_allclose([g[1] for g in got], N)
+
+
+def test_acceptance_gains_are_cumulative_survival_sums():
+    """gains(ids)[j][m] = sum over positions i < m of the product of the
+    request's rates up to i (estimate's rows), with 0 for m = 0."""
+    est = AcceptanceEstimator(6)
+    est.observe([1, 2], [6, 6], [4, 1])
+    rates = est.estimate([1, 2], explore=1.0)
+    want = np.concatenate([np.zeros((2, 1)), np.cumsum(np.cumprod(rates, axis=1), axis=1)], axis=1)
+    np.testing.assert_allclose(est.gains([1, 2], explore=1.0), want)
+    assert (rates <= 1.0).all() and rates[0, 0] > rates[1, 1]
 
 
 def test_distinct_experts_learns_locality_exponent():
@@ -810,3 +832,46 @@ def test_quiet_steps_feed_the_cost_model_1_in_32(runner):
     assert ctl.cost.mape is not None
     late = [n for n in fed if n > 64]          # 1 in 8 until the error window has its 8 predictions
     assert len(late) <= 10, fed                # 6 in 1 in 32, and the full plans' steps
+
+
+@pytest.mark.parametrize("budget, every", [(1.0, 1), (1e-9, 16)])
+def test_drafting_steps_feed_the_cost_model_within_the_learning_budget(runner, budget, every):
+    """Once the cost model's error is known, full plans' steps feed it one in
+    the interval that keeps the measured learning time near learn_budget of
+    the step time: every step where that is generous, 1 in 16 (the most) where
+    it is nothing."""
+    ctl = _controller(runner, [5e-3, 1e-4, 1e-4, 1e-5, 1e-6, 0], [0, 0, 0, 0, 0], acceptance=0.9)
+    ctl.cost.refit = lambda: None
+    ctl.learn_budget = budget
+    fed = []
+    inner = ctl.cost.observe
+    ctl.cost.observe = lambda *a: fed.append(ctl._observed) or inner(*a)
+    for i in range(200):
+        s = sched_for(1, cap=7 + i % 2, start_id=900)      # caps alternate: no plan is kept
+        ctl.plan(s, lambda e: True)
+        assert s[0].k > 0
+        t = ctl.cost.predict(ctl.cost.target_features([1 + s[0].k], [39]), np.zeros(5))
+        ctl.observe([(900, s[0].k, s[0].k, True)], [1 + s[0].k], [s[0].k], target_s=t, draft_s=0.0, step_s=t,
+                    distinct=None)
+    assert ctl.cost.mape is not None and ctl._learn_every == every
+    late = [n for n in fed if n > 40]
+    assert abs(len(late) - 160 / every) <= 2, (len(late), every)
+
+
+def test_a_step_with_nothing_to_draft_leaves_the_plan_state(runner):
+    """Steps where no auto request can draft (an n-gram lookup without a match
+    delivers nothing, so its cap is 0) skip planning: no search, and the quiet
+    and steady state the last full plan left stay as they were."""
+    ctl = _controller(runner, [5e-3, 1e-4, 1e-2, 1e-4, 1e-5, 0], [1e-4, 1e-5, 1e-5, 1e-5, 0], acceptance=0.0)
+    searched = []
+    inner = ctl._greedy
+    ctl._greedy = lambda *a: searched.append(1) or inner(*a)
+    s = sched_for(2, start_id=950)
+    ctl.plan(s, lambda e: True)
+    assert ctl.quiet and searched == [1]
+    state = (ctl.quiet, ctl._quiet_ids, ctl._quiet_every, ctl._steady, ctl._last)
+    ctl._quiet_steps = ctl._quiet_every          # the quiet stretch is over: the next step would replan
+    s = sched_for(2, cap=0, start_id=950)
+    ctl.plan(s, lambda e: True)
+    assert [e.k for e in s] == [0, 0] and searched == [1]
+    assert (ctl.quiet, ctl._quiet_ids, ctl._quiet_every, ctl._steady, ctl._last) == state
