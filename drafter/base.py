@@ -30,6 +30,9 @@ class Proposal:
     tokens: list[int]                     # at most k draft tokens (may be fewer, even none)
     probs: torch.Tensor | None = None     # (len(tokens), V) float32: the distribution each token was drawn
                                           # from, after temperature/top-k/top-p; None: a one-hot draft
+    kind: int | None = None               # a class of proposals the drafter expects to be accepted alike (the
+                                          # n-gram drafter's match length and whether the text followed its last
+                                          # proposal); the controller keeps acceptance apart per kind
 
 
 class Proposer(ABC):

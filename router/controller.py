@@ -92,6 +92,7 @@ class Controller:
             self.cost.profile(runner, proposer, budget_s=profile_budget_s, log=log)
         self._state: dict[int, _ReqState] = {}
         self._decision: Decision | None = None
+        self._kinds: dict = {}          # request id -> the kind of its proposal this step (cheap drafters)
         # Expert reuse: each request's experts at its last step ((MoE layers, E) bool), where the
         # runner can report per-token routing (in-process models; not across EP workers).
         stats = getattr(model, "routing_stats", None)
@@ -152,6 +153,8 @@ class Controller:
         decides for (keeping s.k as the cap); others keep theirs. Returns the
         seconds the decision took."""
         t0 = time.perf_counter()
+        # proposal kinds (cheap drafters, asked before the plan): acceptance is estimated and learned per kind
+        self._kinds = {s.req.id: s.kind for s in sched if s.kind is not None}
         # "Nothing pays" was decided for one batch: a request arriving while quiet is planned for at once (the
         # tail of a batch, 1-2 requests with a token or two left, may not pay where the next batch does).
         if self.quiet and self._quiet_steps < self._quiet_every and all(
@@ -179,14 +182,15 @@ class Controller:
             # Timing-free rule: draft while the next draft is expected accepted with
             # probability >= 1/2, at most fallback_k.
             ids = [sched[i].req.id for i in auto]
-            surv = np.cumprod(self.acceptance.estimate(ids), axis=1) if ids else np.zeros((0, self.k_max))
+            surv = (np.cumprod(self.acceptance.estimate(ids, kinds=[sched[i].kind for i in auto]), axis=1) if ids
+                    else np.zeros((0, self.k_max)))
             for j, i in enumerate(auto):
                 st = self._new_state(ids[j])
                 want = 0 if st.cooldown > 0 else max(int(np.sum(surv[j] >= 0.5)), int(st.probe))
                 k[i] = min(want, self.fallback_k, sched[i].k)
         elif auto:
             self._greedy(sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag)
-            last = (tuple(sched[i].req.id for i in auto), tuple(sched[i].k for i in auto),
+            last = (tuple(sched[i].req.id for i in auto), tuple((sched[i].k, sched[i].kind) for i in auto),
                     tuple(int(k[i]) for i in auto))
             self._steady = self._steady + 1 if self._last is not None and last == self._last else 0
             self._last, self._last_breakeven, self._since_full = last, breakeven, 0
@@ -271,7 +275,7 @@ class Controller:
             return False
         for i, rid, cap in zip(auto, ids, caps):
             s = sched[i]
-            if s.req.id != rid or s.k != cap:
+            if s.req.id != rid or (s.k, s.kind) != cap:
                 return False
             st = self._state.get(rid)
             if st is None or st.probe or st.cooldown or st.probed:
@@ -304,7 +308,7 @@ class Controller:
                 caps[j] = min(caps[j], 1)
                 probes.append(j)
         # cum[j][m]: expected tokens gained by drafting m tokens (sum of survival products)
-        cum = self.acceptance.gains(ids, explore=self.explore)
+        cum = self.acceptance.gains(ids, explore=self.explore, kinds=[sched[i].kind for i in auto])
         base = [float(q[i]) for i in auto]
         ctxs = [float(ctx[i]) for i in auto]
         reuse = self._overlap(ids, [sched[i].req.id for i in range(len(sched))])
@@ -500,7 +504,8 @@ class Controller:
             self._learn_s = spent if not self._learn_s else 0.9 * self._learn_s + 0.1 * spent
         self._routing_s = 0.0
         if results:
-            self.acceptance.observe([r[0] for r in results], [r[1] for r in results], [r[2] for r in results])
+            self.acceptance.observe([r[0] for r in results], [r[1] for r in results], [r[2] for r in results],
+                                    [self._kinds.get(r[0]) for r in results] if self._kinds else None)
         for rid, drafted, accepted, auto in results:
             if not auto:
                 continue
@@ -625,6 +630,7 @@ class Controller:
             "controller_probes": self.probes,
             "controller_plans_kept": self.reused,
             "acceptance_curve": self.acceptance.global_curve.tolist(),
+            "acceptance_by_kind": self.acceptance.kind_curves(),
             "distinct_experts_beta": self.cost.experts.beta,
             "goodput_tokens_per_s": self.goodput,
             "expert_reuse_planning": bool(self._recent),

@@ -347,7 +347,9 @@ class Engine:
                 proposals = self._propose(plan)
                 for s in plan:
                     if s.req.auto and s.k > 0:
-                        s.k = min(s.k, len(proposals[s.req.id].tokens)) if s.req.id in proposals else 0
+                        prop = proposals.get(s.req.id)
+                        s.k = min(s.k, len(prop.tokens)) if prop is not None else 0
+                        s.kind = prop.kind if prop is not None else None
                 early_s = time.perf_counter() - te
             plan_s = ctl.plan(plan, lambda s: s.req.auto)
         else:

@@ -22,6 +22,7 @@ class Scheduled:
     num_new: int        # committed tokens appended this step (tokens[num_cached:num_cached + num_new])
     k: int              # draft tokens wanted (0 when partial)
     partial: bool       # a prompt part: no token is sampled this step
+    kind: int | None = None     # the kind of the proposal delivered before the plan (cheap drafters), if any
 
 
 class Scheduler:

@@ -630,6 +630,7 @@ def test_auto_plans_only_drafts_the_ngram_drafter_can_deliver(moe_path, plain):
     chunks = list(eng.generate_stream(PROMPTS, SamplingParams(max_tokens=48, ignore_eos=True)))
     assert all(c.k == c.draft_tokens for c in chunks), [(c.k, c.draft_tokens) for c in chunks if c.k != c.draft_tokens]
     assert sum(c.draft_tokens for c in chunks) > 0
+    assert eng.controller.stats()["acceptance_by_kind"]        # the proposals' kinds reached the estimate
     got = [[] for _ in PROMPTS]
     for c in chunks:
         got[c.index] += c.token_ids
@@ -875,3 +876,44 @@ def test_a_step_with_nothing_to_draft_leaves_the_plan_state(runner):
     ctl.plan(s, lambda e: True)
     assert [e.k for e in s] == [0, 0] and searched == [1]
     assert (ctl.quiet, ctl._quiet_ids, ctl._quiet_every, ctl._steady, ctl._last) == state
+
+
+def test_acceptance_is_kept_apart_per_proposal_kind():
+    """Proposals of kind 0 accepted at 0.9 per position, of kind 1 at 0.2,
+    interleaved over the same requests: each kind's curve and each request's
+    estimate for a kind follow that kind's rate; a kind never seen gets the
+    all-kinds curve."""
+    rng = np.random.default_rng(4)
+    rate = {0: 0.9, 1: 0.2}
+    est = AcceptanceEstimator(4)
+    for step in range(800):
+        kind = step % 2
+        acc = int(np.argmin(np.append(rng.random(4) < rate[kind], False)))
+        est.observe([step % 5], [4], [acc], [kind])
+    curves = est.kind_curves()
+    assert abs(curves[0][0] - 0.9) < 0.06 and abs(curves[1][0] - 0.2) < 0.08, curves
+    hi, lo = est.estimate([0, 0], kinds=[0, 1])
+    assert hi[0] > 0.8 and lo[0] < 0.35
+    overall = est.global_curve
+    assert lo[0] < overall[0] < hi[0]
+    np.testing.assert_allclose(est.estimate([9], kinds=[7])[0], est.estimate([9])[0])
+
+
+def test_plan_drafts_deep_for_a_good_kind_and_not_for_a_poor_one(runner):
+    """Two requests alike but for the kind of their proposals this step (one
+    accepted at 0.95 per position, one at 0.05): the first drafts deep, the
+    second not at all."""
+    ctl = _controller(runner, [5e-3, 1e-4, 2e-4, 1e-4, 1e-5, 0], [1e-4, 1e-5, 1e-5, 1e-5, 0])
+    rng = np.random.default_rng(6)
+    for _ in range(300):
+        kinds = [1 + i % 2 for i in range(16)]
+        acc = [int(np.argmin(np.append(rng.random(8) < (0.95 if k == 1 else 0.05), False))) for k in kinds]
+        ctl.acceptance.observe(list(range(100, 116)), [8] * 16, acc, kinds)
+    s = sched_for(2, start_id=500)
+    s[0].kind, s[1].kind = 1, 2
+    ctl.plan(s, lambda e: True)
+    assert s[0].k >= 6 and s[1].k == 0, [e.k for e in s]
+    s = sched_for(2, start_id=500)
+    s[0].kind, s[1].kind = 2, 1                 # the same requests, kinds swapped: so are the drafts
+    ctl.plan(s, lambda e: True)
+    assert s[0].k == 0 and s[1].k >= 6, [e.k for e in s]

@@ -135,6 +135,25 @@ def test_ngram_index_answers_as_the_scan():
         p.release(trial)
         assert trial not in p._index
 
+def test_ngram_kind_is_match_length_and_whether_the_text_followed():
+    """kind = n + max_n * f: n the matched n-gram's length, f = 1 when the
+    tokens committed since this request's last proposal agree with it (all
+    accepted plus a bonus, or a prefix with the next token it proposed too)."""
+    p = NgramProposer(1, 3)
+    kind = lambda toks, k=4: p.propose([DraftInput(0, list(toks), k)])[0].kind  # noqa: E731
+    seq = [1, 2, 3, 9, 9, 5, 2, 3, 7, 8, 1, 2, 3]
+    assert kind(seq) == 3                            # trigram [1 2 3], no earlier proposal
+    assert ask(NgramProposer(1, 3), (0, seq, 4)) == [[9, 9, 5, 2]]
+    assert kind(seq + [9, 9, 5, 2, 3]) == 3 + 3      # all four accepted, then a bonus: followed
+    assert kind(seq + [9, 9, 5, 2, 3] + [7, 8]) == 3 + 3    # proposed [7 8 1 2]: a prefix of it came
+    assert kind(seq + [9, 9, 5, 2, 3, 7, 8, 1, 5]) == 1     # proposed [1 2 3 9], 5 came; 1-gram [5] matches
+    q = NgramProposer(1, 2)
+    assert q.propose([DraftInput(1, [5, 6, 5], 2)])[0].kind == 1                  # 1-gram [5]
+    assert q.propose([DraftInput(1, [5, 6, 5, 7, 5], 2)])[0].kind == 1            # proposed [6 5], 7 came
+    assert q.propose([DraftInput(1, [5, 6, 5, 7, 5, 7], 2)])[0].kind == 2 + 2     # proposed [7 5], 7 came
+    assert q.propose([DraftInput(2, [1, 2, 3], 2)])[0].kind is None              # no match, no kind
+
+
 @pytest.mark.parametrize("kw, msg", [(dict(min_n=0), "min_n"), (dict(min_n=3, max_n=2), "max_n"),
                                      (dict(max_n=2.5), "max_n")])
 def test_ngram_validation(kw, msg):
