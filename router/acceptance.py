@@ -32,8 +32,9 @@ the n-gram drafter: the length of the matched n-gram and whether the text
 followed its last proposal), which tells its quality in advance: on the
 bundled model's held-out text a 3-gram match continuing a fully accepted copy
 was accepted at position 0 96% of the time, a 1-gram match 39%. Each kind has
-its own global curve, with the all-kinds curve as its prior (strength
-`chain_strength`), and a request's own counts are kept per kind.
+its own global curve, built as the all-kinds one is but with the all-kinds
+estimate of position 0 as its first prior, and a request's own counts are
+kept per kind.
 """
 
 import math
@@ -85,37 +86,42 @@ class AcceptanceEstimator:
 
     # ---- curves ----------------------------------------------------------------------------------------------
 
+    def _chain(self, c: _Curve, first_prior: float) -> None:
+        """c's curve from its counts: position 0 over first_prior, position 1
+        over position 0's estimate, a deeper one over the trend of the two
+        above it (see the module docstring); all with strength chain_strength."""
+        curve, s = [], self.chain_strength
+        gn = c.n
+        for j, (a, n) in enumerate(zip(c.a, gn)):
+            if j == 0:
+                prior = first_prior
+            elif j == 1:
+                prior = curve[0]
+            else:       # continue the shallower positions' trend (flat or falling), never rising,
+                # as far as their own evidence supports it (a trend read from few draws is mostly noise)
+                seen = min(gn[j - 1], gn[j - 2])
+                trend = min(1.0, curve[j - 1] / max(curve[j - 2], 1e-6))
+                prior = curve[j - 1] * trend ** (seen / (seen + 4 * s))
+            curve.append((a + s * prior) / (n + s))
+        c.curve = curve
+        c.bonus = [math.sqrt(g * (1 - g) / (n + s)) for g, n in zip(curve, gn)]
+
     def _overall(self) -> _Curve:
-        c = self._all
-        if c.curve is None:
-            curve, s = [], self.chain_strength
-            gn = c.n
-            for j, (a, n) in enumerate(zip(c.a, gn)):
-                if j == 0:
-                    prior = self.prior_mean
-                elif j == 1:
-                    prior = curve[0]
-                else:       # continue the shallower positions' trend (flat or falling), never rising,
-                    # as far as their own evidence supports it (a trend read from few draws is mostly noise)
-                    seen = min(gn[j - 1], gn[j - 2])
-                    trend = min(1.0, curve[j - 1] / max(curve[j - 2], 1e-6))
-                    prior = curve[j - 1] * trend ** (seen / (seen + 4 * s))
-                curve.append((a + s * prior) / (n + s))
-            c.curve = curve
-            c.bonus = [math.sqrt(g * (1 - g) / (n + s)) for g, n in zip(curve, gn)]
-        return c
+        if self._all.curve is None:
+            self._chain(self._all, self.prior_mean)
+        return self._all
 
     def _curve(self, kind) -> _Curve:
-        """The kind's curve (its counts over the all-kinds curve as prior); the all-kinds one for None or a
-        kind not seen yet."""
+        """The kind's curve: its own counts and trend, position 0 over the
+        all-kinds estimate (deep positions are reached mostly by the kinds
+        accepted most, so the all-kinds deep rates would flatter a poor kind);
+        the all-kinds curve for None or a kind not seen yet."""
         base = self._overall()
         c = self._kinds.get(kind) if kind is not None else None
         if c is None:
             return base
         if c.curve is None:
-            s = self.chain_strength
-            c.curve = [(a + s * p) / (n + s) for a, n, p in zip(c.a, c.n, base.curve)]
-            c.bonus = [math.sqrt(g * (1 - g) / (n + s)) for g, n in zip(c.curve, c.n)]
+            self._chain(c, base.curve[0])
         return c
 
     @property

@@ -181,6 +181,10 @@ def run_real(args, log):
     pool = held_out_prompts(tok, max_b, args.prompt_len)
     drafters = {"ngram": {"method": "ngram"}, "draft_model": {"method": "draft_model", "draft_model": str(draft)},
                 "layer_skip": {"method": "layer_skip", "layers": 1}}
+    unknown = set(args.drafters.split(",")) - set(drafters)
+    if unknown:
+        raise SystemExit(f"--drafters: unknown {sorted(unknown)}; choose from {sorted(drafters)}")
+    drafters = {n: d for n, d in drafters.items() if n in args.drafters.split(",")}
     rows, table = [], []
     for name, spec in drafters.items():
         for batch in args.batch_list:
@@ -292,6 +296,8 @@ def parse_args(argv):
     ap.add_argument("--real", action="store_true",
                     help="also run the bundled trained model with the real drafters (ngram, draft_model, layer_skip)")
     ap.add_argument("--real-only", action="store_true", help="run only the real-drafter section")
+    ap.add_argument("--drafters", default="ngram,draft_model,layer_skip",
+                    help="the real-drafter section's drafters (ngram, draft_model, layer_skip)")
     ap.add_argument("--out", default=".cache", help="where the bench checkpoints are built or found")
     ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None)
@@ -322,7 +328,9 @@ def main(argv=None) -> int:
 
     def log(msg):
         print(f"[{time.perf_counter() - t_run:5.0f} s] {msg}", file=sys.stderr, flush=True)
-    print("# specmoe speculation controller benchmark (SYNTHETIC drafter)\n")
+    print("# specmoe speculation controller benchmark ("
+          + ("real drafters on the bundled model" if args.real_only else
+             "SYNTHETIC drafter" + ("; real drafters in their own section" if args.real else "")) + ")\n")
     print(f"command: {shlex.join([sys.executable] + sys.argv)}")
     print(f"machine: {cpu_model()}, torch threads 1, device cpu, float32; commit {git_revision()}; "
           f"load average at start {loadavg()}")

@@ -436,6 +436,25 @@ def test_plan_drafts_deeper_where_experts_are_reused(runner):
     assert len({e.k for e in s}) == 1
 
 
+def test_expert_overlap_is_the_share_of_a_request_s_experts_others_used(runner):
+    """Random routing of five requests' chunks of different lengths: each
+    request's overlap is |its (layer, expert) pairs & the union of the others'|
+    / |its pairs|, computed here with Python sets."""
+    ctl = _controller(runner, [5e-3, 1e-4, 1e-5, 4e-4, 0, 0], [0, 0, 0, 0, 0])
+    L, E = ctl.cost.moe_layers, ctl.cost.experts.E
+    g = torch.Generator().manual_seed(3)
+    lengths = [1, 3, 9, 2, 5]
+    te = torch.randint(0, E, (L, sum(lengths), 2), generator=g)
+    ctl.observe_routing([10, 11, 12, 13, 14], lengths, te)
+    pairs, at = [], 0
+    for n in lengths:
+        pairs.append({(layer, int(e)) for layer in range(L) for e in te[layer, at:at + n].reshape(-1)})
+        at += n
+    want = [len(p & set().union(*(q for j, q in enumerate(pairs) if j != i))) / len(p) for i, p in enumerate(pairs)]
+    assert ctl._overlap([12, 10, 14, 11, 13], list(range(10, 15))) == pytest.approx([want[i] for i in (2, 0, 4, 1, 3)])
+    assert ctl._overlap([10], [10, 99]) == [0.0]          # one known request has nobody to share with
+
+
 def test_array_search_plans_like_the_scalar_one(runner):
     """From 8 requests the plan searches extensions on arrays; on random costs,
     acceptances, caps and contexts it must choose exactly what the scalar search does."""
