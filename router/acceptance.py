@@ -32,9 +32,8 @@ the n-gram drafter: the length of the matched n-gram and whether the text
 followed its last proposal), which tells its quality in advance: on the
 bundled model's held-out text a 3-gram match continuing a fully accepted copy
 was accepted at position 0 96% of the time, a 1-gram match 39%. Each kind has
-its own global curve, built as the all-kinds one is but with the all-kinds
-estimate of position 0 as its first prior, and a request's own counts are
-kept per kind.
+its own global curve, built from its own counts as the all-kinds one is, and a
+request's own counts are kept per kind.
 """
 
 import math
@@ -112,16 +111,19 @@ class AcceptanceEstimator:
         return self._all
 
     def _curve(self, kind) -> _Curve:
-        """The kind's curve: its own counts and trend, position 0 over the
-        all-kinds estimate (deep positions are reached mostly by the kinds
-        accepted most, so the all-kinds deep rates would flatter a poor kind);
-        the all-kinds curve for None or a kind not seen yet."""
-        base = self._overall()
-        c = self._kinds.get(kind) if kind is not None else None
+        """The kind's curve, from its own counts as the all-kinds one is from
+        all (position 0 over prior_mean, deeper ones continuing the kind's own
+        trend): not over the all-kinds estimates, which the common poor kinds
+        set (1-gram matches) and which had kept a rarely seen good kind (a copy
+        followed) at their rate, so it was never drafted to be learned; the
+        all-kinds curve for None."""
+        if kind is None:
+            return self._overall()
+        c = self._kinds.get(kind)
         if c is None:
-            return base
+            c = self._kinds[kind] = _Curve(self.k_max)
         if c.curve is None:
-            self._chain(c, base.curve[0])
+            self._chain(c, self.prior_mean)
         return c
 
     @property
@@ -130,8 +132,8 @@ class AcceptanceEstimator:
         return np.array(self._overall().curve)
 
     def kind_curves(self) -> dict:
-        """Proposal kind -> its conditional acceptance per position (lists)."""
-        return {k: list(self._curve(k).curve) for k in sorted(self._kinds)}
+        """Proposal kind -> its conditional acceptance per position (lists), for the kinds seen."""
+        return {k: list(self._curve(k).curve) for k in sorted(self._kinds) if self._kinds[k].n[0] > 0}
 
     # ---- per request -----------------------------------------------------------------------------------------
 
