@@ -50,7 +50,8 @@ class _Curve:
     def __init__(self, k: int):
         self.a, self.n = [0.0] * k, [0.0] * k
         self.curve: list | None = None      # cached until the counts change
-        self.bonus: list | None = None      # one standard deviation of each position's estimate
+        self.bonus: list | None = None      # one standard deviation of each position's estimate, up to the
+                                            # first position seen fewer than chain_strength times (0 beyond)
 
     def age(self, g: float) -> None:
         a, n = self.a, self.n
@@ -103,7 +104,13 @@ class AcceptanceEstimator:
                 prior = curve[j - 1] * trend ** (seen / (seen + 4 * s))
             curve.append((a + s * prior) / (n + s))
         c.curve = curve
-        c.bonus = [math.sqrt(g * (1 - g) / (n + s)) for g, n in zip(curve, gn)]
+        # Optimism reaches one position past those seen chain_strength times: a plan explores one draft deeper
+        # than the evidence, not eight on a thin prior (a bonus at every position compounds along the survival
+        # product: a new request's 8 drafts with the bundled draft model read 4.2 expected tokens at prefill,
+        # where fixed k = 4 accepts 1.6 of 4).
+        frontier = next((j for j, n in enumerate(gn) if n < s), len(gn))
+        c.bonus = [math.sqrt(g * (1 - g) / (n + s)) if j <= frontier else 0.0
+                   for j, (g, n) in enumerate(zip(curve, gn))]
 
     def _overall(self) -> _Curve:
         if self._all.curve is None:
@@ -168,7 +175,8 @@ class AcceptanceEstimator:
         position (for the proposal kind of each, where kinds is given).
         explore > 0 adds that many standard deviations of the global estimate
         to the prior (optimism where positions are rarely verified, so a plan
-        keeps testing them; it fades as they are seen)."""
+        keeps testing them; it fades as they are seen), at positions up to the
+        first one seen fewer than chain_strength times."""
         return np.array(self.rates(req_ids, explore, kinds), dtype=float).reshape(len(req_ids), self.k_max)
 
     def gains(self, req_ids, explore: float = 0.0, kinds=None) -> list[list[float]]:

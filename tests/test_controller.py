@@ -936,3 +936,15 @@ def test_plan_drafts_deep_for_a_good_kind_and_not_for_a_poor_one(runner):
     s[0].kind, s[1].kind = 2, 1                 # the same requests, kinds swapped: so are the drafts
     ctl.plan(s, lambda e: True)
     assert s[0].k == 0 and s[1].k >= 6, [e.k for e in s]
+
+
+def test_exploration_reaches_one_position_past_the_evidence():
+    """The explore bonus lifts positions up to the first one seen fewer than
+    chain_strength times and none beyond: optimism explores one draft deeper
+    than the evidence instead of compounding along eight thin positions."""
+    est = AcceptanceEstimator(8, global_decay=1.0)
+    for _ in range(10):
+        est.observe([1], [8], [1])          # position 0 accepted, position 1 rejected: 0-1 seen, 2+ never
+    plain, bold = est.estimate([2])[0], est.estimate([2], explore=1.0)[0]
+    assert (bold[:3] > plain[:3]).all()     # 0 and 1 seen 10 times, 2 the first unseen: explored
+    np.testing.assert_allclose(bold[3:], plain[3:])
