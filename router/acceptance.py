@@ -30,8 +30,9 @@ there, where a Python loop over 8 positions takes ~1.5 us).
 Proposal kinds: a drafter may report a class per proposal (`Proposal.kind`;
 the n-gram drafter: the length of the matched n-gram and whether the text
 followed its last proposal), which tells its quality in advance: on the
-bundled model's held-out text a 3-gram match continuing a fully accepted copy
-was accepted at position 0 96% of the time, a 1-gram match 39%. Each kind has
+bundled model's held-out text a 3-gram match in text that followed the last
+proposal was accepted at position 0 96% of the time, a 1-gram match 39%
+(scripts/ngram_kinds.py). Each kind has
 its own global curve, built from its own counts as the all-kinds one is, and a
 request's own counts are kept per kind.
 """

@@ -93,8 +93,8 @@ class Controller:
         self._state: dict[int, _ReqState] = {}
         self._decision: Decision | None = None
         self._kinds: dict = {}          # request id -> the kind of its proposal this step (cheap drafters)
-        # Expert reuse: each request's experts at its last step ((MoE layers, E) bool), where the
-        # runner can report per-token routing (in-process models; not across EP workers).
+        # Expert reuse: each request's (layer, expert) pairs at its last step, where the runner can report
+        # per-token routing (in-process models; not across EP workers).
         stats = getattr(model, "routing_stats", None)
         self.reuse_weight = reuse_weight
         self._recent: dict[int, int] = {}      # request id -> its last step's (layer, expert) pairs as bits
@@ -108,6 +108,7 @@ class Controller:
         self.quiet = False
         self._quiet_steps = 0
         self._quiet_ids: frozenset = frozenset()    # the requests the plan that turned quiet decided for
+        self._quiet_kinds: frozenset = frozenset()  # and the kinds of their proposals (cheap drafters)
         self.replan_every = replan_every
         # A full plan that finds the same requests quiet again doubles the quiet stretch (up to 8 x replan_every):
         # at batch 1 each such plan (~0.2 ms in the step loop) came every 16 steps of ~2 ms.
@@ -157,8 +158,10 @@ class Controller:
         self._kinds = {s.req.id: s.kind for s in sched if s.kind is not None}
         # "Nothing pays" was decided for one batch: a request arriving while quiet is planned for at once (the
         # tail of a batch, 1-2 requests with a token or two left, may not pay where the next batch does).
+        # So is a proposal of a kind that plan did not see (a copy the n-gram drafter found after 1-gram guesses).
         if self.quiet and self._quiet_steps < self._quiet_every and all(
-                s.req.id in self._quiet_ids for s in sched if is_auto(s) and not s.partial and s.k > 0):
+                s.req.id in self._quiet_ids and s.kind in self._quiet_kinds
+                for s in sched if is_auto(s) and not s.partial and s.k > 0):
             return self._quiet_plan(sched, is_auto, t0)
         if not any(s.k > 0 and not s.partial and is_auto(s) for s in sched):
             return self._idle_plan(sched, is_auto, t0)
@@ -206,6 +209,8 @@ class Controller:
             self.quiet = not self.fallback and bool(auto) and not any(k[i] for i in auto)
             self._quiet_steps = 0
             self._quiet_ids = frozenset(sched[i].req.id for i in auto) if self.quiet else frozenset()
+            self._quiet_kinds = (((self._quiet_kinds if was_quiet else frozenset())
+                                  | frozenset(sched[i].kind for i in auto)) if self.quiet else frozenset())
             self._quiet_every = (min(2 * self._quiet_every, 8 * self.replan_every)
                                  if self.quiet and was_quiet and self._quiet_ids == was_ids else self.replan_every)
             if self._ids_stats is not None:

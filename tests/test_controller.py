@@ -948,3 +948,28 @@ def test_exploration_reaches_one_position_past_the_evidence():
     plain, bold = est.estimate([2])[0], est.estimate([2], explore=1.0)[0]
     assert (bold[:3] > plain[:3]).all()     # 0 and 1 seen 10 times, 2 the first unseen: explored
     np.testing.assert_allclose(bold[3:], plain[3:])
+
+
+def test_a_proposal_of_a_kind_the_quiet_plan_did_not_see_is_planned_for(runner):
+    """Quiet after a plan found nothing pays for a request's kind-1 proposals:
+    further kind-1 proposals skip planning, a kind-6 one (a copy being
+    followed) gets a full plan at once, which drafts it where its kind pays."""
+    ctl = _controller(runner, [5e-3, 1e-4, 2e-4, 1e-4, 1e-5, 0], [1e-4, 1e-5, 1e-5, 1e-5, 0])
+    rng = np.random.default_rng(8)
+    for _ in range(300):
+        kinds = [1 + 5 * (i % 2) for i in range(16)]
+        acc = [int(np.argmin(np.append(rng.random(8) < (0.05 if k == 1 else 0.95), False))) for k in kinds]
+        ctl.acceptance.observe(list(range(100, 116)), [8] * 16, acc, kinds)
+    searched = []
+    inner = ctl._greedy
+    ctl._greedy = lambda *a: searched.append(1) or inner(*a)
+
+    def step(kind):
+        s = sched_for(1, start_id=970)
+        s[0].kind = kind
+        ctl.plan(s, lambda e: True)
+        return s[0].k
+
+    assert step(1) == 0 and ctl.quiet and len(searched) == 1
+    assert step(1) == 0 and len(searched) == 1          # quiet: no plan
+    assert step(6) >= 6 and len(searched) == 2 and not ctl.quiet
