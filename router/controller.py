@@ -241,13 +241,7 @@ class Controller:
             s.k = 1 if st.probe and not st.cooldown else 0
             chosen[s.k] += 1
         every = self.quiet_sample_every if self.cost.mape is not None else 8     # 1 in 8 until the error is known
-        if (self._observed + 1) % every == 0:
-            self._decision = Decision([float(s.req.num_cached) for s in sched], {}, self._lag(sched), learn=True)
-        else:
-            self._decision = Decision(None, {}, None, learn=False)
-        plan_s = time.perf_counter() - t0
-        self.overhead_s += plan_s
-        return plan_s
+        return self._unplanned(sched, (self._observed + 1) % every == 0, t0)
 
     def _idle_plan(self, sched, is_auto, t0: float) -> float:
         """No request the controller decides for can draft this step (prompt
@@ -257,7 +251,11 @@ class Controller:
         for s in sched:
             if is_auto(s):
                 s.k = 0
-        if self._learn_due():
+        return self._unplanned(sched, self._learn_due(), t0)
+
+    def _unplanned(self, sched, learn: bool, t0: float) -> float:
+        """A step decided without a plan: what observe needs (the step's features only if it learns)."""
+        if learn:
             self._decision = Decision([float(s.req.num_cached) for s in sched], {}, self._lag(sched), learn=True)
         else:
             self._decision = Decision(None, {}, None, learn=False)
