@@ -53,6 +53,7 @@ import torch
 
 from .acceptance import AcceptanceEstimator
 from .cost_model import CostModel
+from .expert_overlap import ExpertOverlap
 
 
 @dataclass
@@ -96,8 +97,7 @@ class Controller:
         # Expert reuse: each request's (layer, expert) pairs at its last step, where the runner can report
         # per-token routing (in-process models; not across EP workers).
         stats = getattr(model, "routing_stats", None)
-        self.reuse_weight = reuse_weight
-        self._recent: dict[int, int] = {}      # request id -> its last step's (layer, expert) pairs as bits
+        self.overlap = ExpertOverlap(self.cost.experts.E, reuse_weight)
         self._ids_stats = None
         if stats is not None and runner.config.moe is not None and reuse_weight > 0:
             stats.keep_ids = True
@@ -314,7 +314,7 @@ class Controller:
         cum = self.acceptance.gains(ids, explore=self.explore, kinds=[sched[i].kind for i in auto])
         base = [float(q[i]) for i in auto]
         ctxs = [float(ctx[i]) for i in auto]
-        reuse = self._overlap(ids, [sched[i].req.id for i in range(len(sched))])
+        reuse = self.overlap.shares(ids, [sched[i].req.id for i in range(len(sched))])
         qs = q
         n = sum(qs)
         neff = sum(x ** beta for x in qs)
@@ -583,50 +583,18 @@ class Controller:
         """Remember which experts each request's tokens used this step.
         token_experts: (MoE layers, T, K) ids of the step's T tokens, requests'
         chunks back to back with `lengths` tokens each."""
-        if token_experts is None or len(req_ids) < 2 or self.reuse_weight <= 0:
+        if token_experts is None or len(req_ids) < 2 or self.overlap.weight <= 0:
             return          # overlap needs two requests in a step; one alone has nobody to share with
         if self._decision is not None and not self._decision.learn:
             return          # a kept plan: the masks of its last full plan's step serve until the next
         t0 = time.perf_counter()
-        L, T, K = token_experts.shape
-        E = self.cost.experts.E
-        # Each request's (layer, expert) pairs as the bits of one Python int: the overlap a plan reads is then a
-        # few int operations per request (torch ops on (B, L, E) masks took ~90 us a plan at batch 4).
-        owner = torch.repeat_interleave(torch.arange(len(req_ids)), torch.tensor(lengths))     # (T,)
-        pair = token_experts.long() + torch.arange(L)[:, None, None] * E                       # (L, T, K)
-        hit = torch.zeros(len(req_ids), L * E, dtype=torch.bool)
-        hit[owner[None, :, None].expand(L, T, K).reshape(-1), pair.reshape(-1)] = True
-        packed = np.packbits(hit.numpy(), axis=1, bitorder="little")
-        for j, rid in enumerate(req_ids):
-            self._recent[rid] = int.from_bytes(packed[j].tobytes(), "little")
+        self.overlap.record(req_ids, lengths, token_experts)
         self._routing_s = time.perf_counter() - t0
         self.overhead_s += self._routing_s
 
-    def _overlap(self, auto_ids, step_ids) -> list[float]:
-        """Per auto request: the share of its recent experts that the step's other
-        requests used recently too (predicted to be loaded anyway), times reuse_weight."""
-        if not self._recent:
-            return [0.0] * len(auto_ids)
-        known = [rid for rid in step_ids if rid in self._recent]
-        if len(known) < 2:
-            return [0.0] * len(auto_ids)
-        masks = [self._recent[rid] for rid in known]
-        # the union of every other request's bits: prefix and suffix ORs
-        before, acc = [], 0
-        for m in masks:
-            before.append(acc)
-            acc |= m
-        by_id, acc = {}, 0
-        for j in range(len(masks) - 1, -1, -1):
-            m = masks[j]
-            mine = m.bit_count()
-            by_id[known[j]] = (m & (before[j] | acc)).bit_count() / max(mine, 1) * self.reuse_weight
-            acc |= m
-        return [by_id.get(rid, 0.0) for rid in auto_ids]
-
     def forget(self, req_id: int) -> None:
         self._state.pop(req_id, None)
-        self._recent.pop(req_id, None)
+        self.overlap.forget(req_id)
         self.acceptance.forget(req_id)
 
     # ---- reporting -------------------------------------------------------------------------------------------
@@ -645,5 +613,5 @@ class Controller:
             "acceptance_by_kind": self.acceptance.kind_curves(),
             "distinct_experts_beta": self.cost.experts.beta,
             "goodput_tokens_per_s": self.goodput,
-            "expert_reuse_planning": bool(self._recent),
+            "expert_reuse_planning": bool(self.overlap),
         }

@@ -424,13 +424,13 @@ def test_plan_drafts_deeper_where_experts_are_reused(runner):
     L = ctl.cost.moe_layers
     te = torch.tensor([[[0, 1], [0, 1], [5, 6]]] * L)            # (layers, 3 tokens, K=2): one token each
     ctl.observe_routing([0, 1, 2], [1, 1, 1], te)
-    assert ctl._overlap([0, 1, 2], [0, 1, 2]) == [1.0, 1.0, 0.0]
+    assert ctl.overlap.shares([0, 1, 2], [0, 1, 2]) == [1.0, 1.0, 0.0]
     s = sched_for(3)
     ctl.plan(s, lambda e: True)
     k = [e.k for e in s]
     assert k[0] == k[1] > k[2], k
-    ctl.reuse_weight = 0.0                       # without the preference all three are priced alike
-    ctl._recent.clear()
+    ctl.overlap.weight = 0.0                     # without the preference all three are priced alike
+    ctl.overlap.clear()
     s = sched_for(3)
     ctl.plan(s, lambda e: True)
     assert len({e.k for e in s}) == 1
@@ -451,8 +451,8 @@ def test_expert_overlap_is_the_share_of_a_request_s_experts_others_used(runner):
         pairs.append({(layer, int(e)) for layer in range(L) for e in te[layer, at:at + n].reshape(-1)})
         at += n
     want = [len(p & set().union(*(q for j, q in enumerate(pairs) if j != i))) / len(p) for i, p in enumerate(pairs)]
-    assert ctl._overlap([12, 10, 14, 11, 13], list(range(10, 15))) == pytest.approx([want[i] for i in (2, 0, 4, 1, 3)])
-    assert ctl._overlap([10], [10, 99]) == [0.0]          # one known request has nobody to share with
+    assert ctl.overlap.shares([12, 10, 14, 11, 13], list(range(10, 15))) == pytest.approx([want[i] for i in (2, 0, 4, 1, 3)])
+    assert ctl.overlap.shares([10], [10, 99]) == [0.0]          # one known request has nobody to share with
 
 
 def test_array_search_plans_like_the_scalar_one(runner):
