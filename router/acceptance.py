@@ -107,8 +107,7 @@ class AcceptanceEstimator:
         c.curve = curve
         # Optimism reaches one position past those seen chain_strength times: a plan explores one draft deeper
         # than the evidence, not eight on a thin prior (a bonus at every position compounds along the survival
-        # product: a new request's 8 drafts with the bundled draft model read 4.2 expected tokens at prefill,
-        # where fixed k = 4 accepts 1.6 of 4).
+        # product; deeper positions keep the trend prior, which carries a high rate on by itself).
         frontier = next((j for j, n in enumerate(gn) if n < s), len(gn))
         c.bonus = [math.sqrt(g * (1 - g) / (n + s)) if j <= frontier else 0.0
                    for j, (g, n) in enumerate(zip(curve, gn))]
