@@ -91,6 +91,7 @@ class Controller:
         model = getattr(runner, "model", None)
         itemsize = getattr(getattr(model, "dtype", None), "itemsize", 4)
         self.cost = CostModel(runner.config, ep=getattr(runner, "ep", 1), itemsize=itemsize)
+        self.cost.experts.max_tokens = k_max + 1        # the locality exponent is fitted on decode steps only
         if profile:
             self.cost.profile(runner, proposer, budget_s=profile_budget_s, log=log)
         self._state: dict[int, _ReqState] = {}

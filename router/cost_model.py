@@ -82,8 +82,12 @@ class DistinctExperts:
 
     BETAS = np.linspace(0.1, 1.0, 19)
 
-    def __init__(self, num_experts: int, top_k: int, window: int = 128):
+    def __init__(self, num_experts: int, top_k: int, window: int = 128, max_tokens: int | None = None):
         self.E, self.K = num_experts, top_k
+        # Steps with a sequence of more tokens (a prompt's prefill) are not fitted: plans price decode steps of
+        # 1..k_max + 1 tokens a sequence, and a long prefill's locality is another regime (on the bundled model a
+        # window mixing both fitted 0.6 and priced 2-3-token steps' experts 8-11% low).
+        self.max_tokens = max_tokens
         self.miss = 1.0 - top_k / num_experts if num_experts else 1.0
         self.beta = 1.0
         self._obs: deque = deque(maxlen=window)
@@ -105,7 +109,7 @@ class DistinctExperts:
         # A step of one token per sequence has n_eff = len(q) at every beta: it adds the same error to each and
         # tells nothing, yet it took a place in the window; at batch 1 a run of undrafted steps (each a
         # decode of 1 token) filled the window with ties and beta fell to the first candidate, 0.1.
-        if not self.E or not len(q) or max(q) <= 1:
+        if not self.E or not len(q) or max(q) <= 1 or (self.max_tokens is not None and max(q) > self.max_tokens):
             return
         # n_eff of this step for every candidate beta, computed once (rows of a table for small counts)
         if all(type(v) is int and 0 <= v < len(self._pow) for v in q):

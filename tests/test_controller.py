@@ -807,6 +807,24 @@ def test_distinct_experts_keep_their_exponent_through_undrafted_steps():
     assert de.beta == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("max_tokens, want", [(9, 0.8), (None, None)])
+def test_distinct_experts_fit_decode_steps_only(max_tokens, want):
+    """Decode steps of 1-9 tokens a sequence routed with locality 0.8, prefill
+    steps of 64 tokens with 0.3, interleaved: with max_tokens = 9 the fit
+    keeps to the decode steps' exponent; without, the prefills pull it off."""
+    rng = np.random.default_rng(4)
+    de = DistinctExperts(64, 2, max_tokens=max_tokens)
+    for i in range(96):
+        q = [64] if i % 3 == 0 else rng.integers(1, 10, size=2).tolist()
+        b = 0.3 if q == [64] else 0.8
+        de.observe(q, float(de.predict_from_neff(sum(v ** b for v in q))))
+    de.fit()
+    if want is not None:
+        assert de.beta == pytest.approx(want)
+    else:
+        assert de.beta != pytest.approx(0.8)
+
+
 def test_quiet_replans_back_off_while_nothing_pays(runner):
     """One request for which nothing pays: every full plan that finds it quiet again
     doubles the stretch of quiet steps before the next (16, 32, 64, 128 steps),
