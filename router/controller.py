@@ -71,7 +71,7 @@ class _ReqState:
 @dataclass
 class Decision:
     """What `plan` decided, kept until `observe`."""
-    ctx: list | None                # cached tokens per scheduled entry (None: a quiet step not sampled)
+    ctx: list | None                # cached tokens per scheduled entry (None: the step does not feed the cost model)
     breakeven: dict                 # req id -> tokens the request's drafts had to gain to pay
     lag: list                       # per entry: tokens the drafter had to catch up on first
     learn: bool = True              # the step's timing and routing feed the cost model
@@ -90,8 +90,7 @@ class Controller:
         self.proposer = proposer
         model = getattr(runner, "model", None)
         itemsize = getattr(getattr(model, "dtype", None), "itemsize", 4)
-        self.cost = CostModel(runner.config, ep=getattr(runner, "ep", 1), itemsize=itemsize)
-        self.cost.experts.max_tokens = k_max + 1        # the locality exponent is fitted on decode steps only
+        self.cost = CostModel(runner.config, ep=getattr(runner, "ep", 1), itemsize=itemsize, decode_tokens=k_max + 1)
         if profile:
             self.cost.profile(runner, proposer, budget_s=profile_budget_s, log=log)
         self._state: dict[int, _ReqState] = {}
@@ -106,8 +105,8 @@ class Controller:
             stats.keep_ids = True
             self._ids_stats = stats
         # Quiet: the last full plan drafted nothing; until a probe is accepted, replan_every steps pass (more,
-        # see below) or a request that plan did not decide for needs a decision, steps skip the plan (and the
-        # drafter).
+        # see below), or a request that plan did not decide for or a proposal of a kind it did not see needs a
+        # decision, steps skip the plan (and the drafter, unless it is a cheap one asked before the plan).
         self.quiet = False
         self._quiet_steps = 0
         self._quiet_ids: frozenset = frozenset()    # the requests the plan that turned quiet decided for
@@ -118,8 +117,7 @@ class Controller:
         self._quiet_every = replan_every
         # Quiet steps are all alike (no drafts) and each one sampled costs ~0.1 ms in the step loop (features,
         # prediction, error window; numpy cold after the forward): 1 in 32 feeds the cost model once its error
-        # is known (1 in 8 before that, and always for a kept plan's steps), a multiple of 8 so observe's test
-        # for those holds too.
+        # is known (1 in 8 before that).
         self.quiet_sample_every = 32
         # Learning (features, prediction, error window, refits, routing masks) costs ~60-100 us a step on CPU,
         # numpy cold after the forward: ~4% of a 2.6 ms batch-1 step of the bundled model. Once the model's error
@@ -134,7 +132,7 @@ class Controller:
         # cool-down changes, or reuse_every steps pass, the plan is kept (and those steps teach nothing new).
         self.reuse_every = reuse_every
         self.array_from = 8                 # requests from which the plan's search runs on arrays (cheaper)
-        self._last: tuple | None = None     # (auto ids, caps, k) of the last full plan
+        self._last: tuple | None = None     # (auto ids, (cap, kind) pairs, k) of the last full plan
         self._last_breakeven: dict = {}
         self._steady = 0                    # consecutive full plans equal to their predecessor
         self._since_full = 0

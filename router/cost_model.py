@@ -144,7 +144,9 @@ def _min_time(fn, reps: int) -> float:
 
 class CostModel:
     def __init__(self, config, ep: int = 1, itemsize: int = 4, window: int = 128, prior_weight: float = 0.25,
-                 knees=KNEES):
+                 knees=KNEES, decode_tokens: int | None = None):
+        """decode_tokens: the most tokens a sequence appends in a planned step (k_max + 1); longer
+        chunks (prefills) do not feed the locality fit (DistinctExperts.max_tokens)."""
         self.config, self.ep = config, max(1, ep)
         self.knees = tuple(knees)
         self.knee = float(64 if 64 in self.knees else self.knees[0])   # until a profile or refit chooses
@@ -152,7 +154,8 @@ class CostModel:
         self._refits = 0
         moe = config.moe
         self.moe_layers = sum(1 for i in range(config.num_layers) if config.is_moe_layer(i)) if moe else 0
-        self.experts = DistinctExperts(moe.num_experts if moe else 0, moe.top_k if moe else 1)
+        self.experts = DistinctExperts(moe.num_experts if moe else 0, moe.top_k if moe else 1,
+                                       max_tokens=decode_tokens)
         # dispatch + combine of each routed row, the share that leaves the rank, per MoE layer, in MB
         self.a2a_mb_per_token = (0.0 if self.ep == 1 or not moe else
                                  2 * moe.top_k * config.hidden_size * itemsize * (self.ep - 1) / self.ep
