@@ -41,6 +41,19 @@ Around the plan:
 - the cost model learns from every step until its error is known, then from
   1 in N drafting steps, N set so that learning costs about `learn_budget` of
   the step time (N = 1 where steps are long);
+- an off probe: while the plans draft, the cost model sees only drafted
+  steps, and the price of not drafting (the base every plan is measured
+  against) comes from the profile and from extrapolation alone; where that
+  base is overpriced the draft's added time looks smaller than it is (batch
+  64 at acceptance 0.3 on moe-bench: the 63-sequence undrafted step priced
+  10% over its time, the first draft's time 18% under, so every step drafted
+  one token that did not pay). So when a plan drafts, expects less than
+  `off_probe_gain` over not drafting, and no undrafted step of about this
+  many sequences (within 1/8) fed the cost model in the last
+  `off_probe_every` observed steps, the step runs undrafted and is learned
+  from (at most once in that many steps, and only where no request of a
+  fixed k drafts in it); its cost is bounded by that gain once in that many
+  steps;
 - the decision's own time is measured (`overhead`).
 """
 
@@ -81,7 +94,8 @@ class Controller:
     def __init__(self, runner, proposer, k_max: int = 8, *, fallback_k: int = 4, mape_bound: float = 0.5,
                  margin: float = 0.01, max_backoff: int = 256, explore: float = 1.0, reuse_weight: float = 1.0,
                  replan_every: int = 16, reuse_every: int = 4, hedge: float = 1.0, profile: bool = True,
-                 profile_budget_s: float = 3.0, learn_budget: float = 0.005, log=None):
+                 profile_budget_s: float = 3.0, learn_budget: float = 0.005, off_probe_every: int = 64,
+                 off_probe_gain: float = 0.15, log=None):
         if k_max < 1:
             raise ValueError(f"controller k_max must be >= 1, got {k_max}")
         self.k_max, self.fallback_k, self.mape_bound = k_max, fallback_k, mape_bound
@@ -124,6 +138,12 @@ class Controller:
         # is known, full plans' steps feed it 1 in `_learn_every`, the interval that keeps that cost near
         # learn_budget of the step time (every step where steps are long).
         self.learn_budget = learn_budget
+        # Off probes (module docstring): undrafted steps that fed the cost model, as (observe count, sequences)
+        self.off_probe_every, self.off_probe_gain = off_probe_every, off_probe_gain
+        self._base_seen: deque = deque(maxlen=32)
+        self._last_off_probe = -off_probe_every     # at most one in off_probe_every steps, whatever it found
+        self.plan_gain = 1.0            # the last full plan's expected goodput over none drafting (plan_search)
+        self.off_probes = 0
         self._learn_every = 1
         self._learn_wait = 0
         self._learn_s = 0.0         # EWMA of a sampled step's learning time
@@ -198,9 +218,16 @@ class Controller:
                     tuple(int(k[i]) for i in auto))
             self._steady = self._steady + 1 if self._last is not None and last == self._last else 0
             self._last, self._last_breakeven, self._since_full = last, breakeven, 0
+        off_probe = (not reuse and not self.fallback and self.off_probe_every > 0 and any(k[i] for i in auto)
+                     and not any(fixed_k) and self.plan_gain < 1.0 + self.off_probe_gain
+                     and self._observed - self._last_off_probe >= self.off_probe_every
+                     and not self._base_known(len(sched)))
+        if off_probe:
+            self.off_probes += 1
+            self._last_off_probe = self._observed
         for i in auto:
-            sched[i].k = int(k[i])
-            self.k_chosen[int(k[i])] += 1
+            sched[i].k = 0 if off_probe else int(k[i])
+            self.k_chosen[sched[i].k] += 1
         decided = set(auto)
         for i, s in enumerate(sched):       # auto entries not decided here (prompt parts, no room) draft 0
             if i not in decided and is_auto(s):
@@ -219,7 +246,7 @@ class Controller:
         if reuse:
             learn = (self._observed + 1) % 8 == 0      # a kept plan's steps teach little new: 1 in 8
         else:
-            learn = self._learn_due()
+            learn = self._learn_due() or off_probe
         plan_s = time.perf_counter() - t0
         self._decision = Decision(ctx, breakeven, lag, learn=learn)
         self.overhead_s += plan_s
@@ -263,6 +290,12 @@ class Controller:
         plan_s = time.perf_counter() - t0
         self.overhead_s += plan_s
         return plan_s
+
+    def _base_known(self, seqs: int) -> bool:
+        """Whether an undrafted step of about `seqs` sequences fed the cost model lately (off probes)."""
+        since = self._observed - self.off_probe_every
+        tol = max(1.0, seqs / 8)
+        return any(i > since and abs(s - seqs) <= tol for i, s in self._base_seen)
 
     def _learn_due(self) -> bool:
         """Whether this step (not a kept plan's, not a quiet one) feeds the cost model."""
@@ -309,10 +342,14 @@ class Controller:
             z = self.cost.draft_features(drafts, d.lag)
             predicted = self.cost.predict(x, z)          # the model's price of what actually ran
             moe = [v for v in (distinct or []) if v]
+            x_plan = x
             if moe:
                 self.cost.experts.observe(q, sum(moe) / len(moe))
+                x = x.copy()
                 x[3] = sum(moe) / self.cost.ep            # fit on the measured count
-            self.cost.observe(x, z, target_s, draft_s, predicted)
+            self.cost.observe(x, z, target_s, draft_s, predicted, x_plan)
+            if max(q, default=2) <= 1:         # an undrafted decode step (no prompt part in it)
+                self._base_seen.append((self._observed, len(q)))
             spent = time.perf_counter() - t0 + self._routing_s
             self._learn_s = spent if not self._learn_s else 0.9 * self._learn_s + 0.1 * spent
         self._routing_s = 0.0
@@ -418,6 +455,7 @@ class Controller:
             "controller_k_histogram": dict(self.k_chosen),
             "controller_cooldowns": self.cooldowns,
             "controller_probes": self.probes,
+            "controller_off_probes": self.off_probes,
             "controller_plans_kept": self.reused,
             "acceptance_curve": self.acceptance.global_curve.tolist(),
             "acceptance_by_kind": self.acceptance.kind_curves(),

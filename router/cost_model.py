@@ -18,6 +18,9 @@ distinct-expert feature is not observed before the step: `DistinctExperts`
 predicts it from the plan's tokens per sequence, with an exponent learned from
 routing statistics that captures intra-sequence locality (the k+1 tokens of
 one sequence reuse experts more than k+1 tokens of different sequences).
+Where the machine's curve bends more than the features do, a line in tokens
+fitted to the residuals of the recent decode steps at about the current
+number of sequences corrects the target's price there (router/local_fit.py).
 
 Coefficients start from a profiling pass on this machine (`profile`: MoE
 expert compute at chosen token and distinct-expert counts, whole target
@@ -35,6 +38,7 @@ import numpy as np
 import torch
 
 from ..experts.batch import Chunk
+from .local_fit import LocalFit
 
 TARGET_FEATURES = ("fixed", "seqs", "tokens", "experts", "attn", "a2a_mb", "tokens_past_knee")
 TOK, PAST = 2, 6            # the two token columns: min(n, knee), max(0, n - knee)
@@ -167,6 +171,7 @@ class CostModel:
         self.prior_weight = prior_weight
         self._profile_x: list = []                  # profile points, kept as anchors for refits
         self._profile_z: list = []
+        self.local = LocalFit(decode_tokens or 9)    # residual line at the batch running now (local_fit.py)
         self._x: deque = deque(maxlen=window)
         self._z: deque = deque(maxlen=window)
         self._err: deque = deque(maxlen=64)
@@ -220,7 +225,7 @@ class CostModel:
         return np.array([1.0 if m else 0.0, m, sum(k), max(k, default=0.0), float(lag)])
 
     def predict(self, x: np.ndarray, z: np.ndarray) -> float:
-        return float(self.c @ x + self.d @ z)
+        return float(self.c @ x + self.d @ z) + self.local.correction(int(x[1]), x[TOK] + x[PAST], self.c)
 
     # ---- profiling -------------------------------------------------------------------------------------------
 
@@ -498,9 +503,13 @@ class CostModel:
 
     # ---- online ----------------------------------------------------------------------------------------------
 
-    def observe(self, x: np.ndarray, z: np.ndarray, target_s: float, draft_s: float, predicted: float) -> None:
+    def observe(self, x: np.ndarray, z: np.ndarray, target_s: float, draft_s: float, predicted: float,
+                x_plan: np.ndarray | None = None) -> None:
         """A step ran with features x, z; it took target_s (everything but the
-        drafter) and draft_s seconds; `predicted` was the prediction beforehand."""
+        drafter) and draft_s seconds; `predicted` was the prediction beforehand;
+        x_plan: the target features as the plan priced them (its predicted
+        distinct experts where x has the measured count; x where not given),
+        what the local correction's residuals are of."""
         total = target_s + draft_s
         if total > 0:
             if len(self._err) == self._err.maxlen:
@@ -513,6 +522,7 @@ class CostModel:
         if z[0] > 0 or draft_s > 1e-4:
             self._z.append((z, draft_s))
             self._z_new = True
+        self.local.observe(int(x[1]), round(x[TOK] + x[PAST]), x if x_plan is None else x_plan, target_s)
         self._since_fit += 1
         self._steps += 1
         # Refit every 8 steps at first (a large batch runs few steps, and the profile's

@@ -50,9 +50,14 @@ def greedy_plan(ctl, sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag_a
     lag = sum(g for g, f in zip(lag_all, fixed_k) if f > 0)
     lags = [lag_all[i] for i in auto]
     fixed_t = c0 + c_seq * len(qs)
+    # the local correction at this many sequences: + a + b (n - m), n held within [lo, hi] (router/local_fit.py)
+    line = cost.local.line(len(qs), cost.c)
+    la, lb, lm, llo, lhi = line if line is not None else (0.0, 0.0, 0.0, 0.0, 0.0)
+    fixed_t += la
 
     def price(n_, neff_, attn_, drafting_, dtok_, depth_, lag_):
-        t = fixed_t + c_lin * n_ + c_bend * min(n_, knee) + exp_scale * distinct(neff_) + c_attn * attn_
+        t = (fixed_t + c_lin * n_ + c_bend * min(n_, knee) + exp_scale * distinct(neff_) + c_attn * attn_
+             + lb * (min(max(n_, llo), lhi) - lm))
         if drafting_:
             t += d_any + d_seq * drafting_ + d_tok * dtok_ + d_depth * depth_ + d_lag * lag_
         return t
@@ -124,7 +129,7 @@ def greedy_plan(ctl, sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag_a
             first = kk_a == 0
             # every candidate drafts, so the drafter's terms always apply
             t = (fixed_t + c_lin * (n + dk) + c_bend * np.minimum(n + dk, knee) + exp_scale * distinct(neff_)
-                 + c_attn * attn_
+                 + c_attn * attn_ + lb * (np.clip(n + dk, llo, lhi) - lm)
                  + d_any + d_seq * (drafting + first)[:, None] + d_tok * (dtok + dk)
                  + d_depth * np.maximum(depth, KP)[None, :] + d_lag * (lag + lags_a * first)[:, None])
             dT = t - T
@@ -203,3 +208,5 @@ def greedy_plan(ctl, sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag_a
             kk[j] = 1
     for j, i in enumerate(auto):
         k[i] = kk[j]
+    # the plan's expected goodput over none drafting, as priced (what the off probe's test reads)
+    ctl.plan_gain = (V / max(T, 1e-12)) / max(V0 / max(T0, 1e-12), 1e-12)

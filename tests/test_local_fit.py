@@ -1,0 +1,125 @@
+"""The cost model's local correction (router/local_fit.py) and the
+controller's off probes: synthetic timings whose truth the test knows."""
+
+import numpy as np
+import pytest
+
+from specmoe.router.cost_model import CostModel
+from specmoe.router.local_fit import LocalFit
+
+from test_controller import _controller, _moe_config, linear, runner, moe_path, sched_for  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+C = linear([5e-3, 1e-4, 1e-4, 0, 0, 0])         # fixed, per sequence, per token: a step of B x q is cheap to price
+
+
+def _rows(cm, B, q, ctx=40):
+    return cm.target_features([q] * B, [ctx] * B)
+
+
+def test_local_line_recovers_what_the_features_miss():
+    """Steps of 8 sequences x 1-9 tokens whose true time is the model's price
+    plus a line in tokens (2 ms + 0.1 ms per token past 40), 2% noise: the
+    fitted line is that one (slope within 20%, once the shrinkage toward 0 of
+    the few-token spread is allowed for), held flat past the tokens it saw;
+    prefills are not fitted, and another batch size gets no correction."""
+    cm = CostModel(_moe_config())
+    lf = LocalFit(decode_tokens=9)
+    rng = np.random.default_rng(0)
+    for i in range(120):
+        q = 1 + i % 9
+        x = _rows(cm, 8, q)
+        n = 8 * q
+        lf.observe(8, n, x, (float(C @ x) + 2e-3 + 1e-4 * (n - 40)) * rng.lognormal(0, 0.02))
+    lf.observe(8, 8 * 64, _rows(cm, 8, 64), 1.0)           # a prefill: another regime, not fitted
+    a, b, m, lo, hi = lf.line(8, C)
+    assert (lo, hi) == (8, 72)
+    spread = np.var([8 * (1 + i % 9) for i in range(120)]) * 120
+    shrink = spread / (spread + 4 * 64)                     # the slope's pull toward 0 (strength 4, 1 token/seq)
+    assert abs(b / (1e-4 * shrink) - 1) < 0.2, (b, shrink)
+    assert abs(lf.correction(8, m, C) - (2e-3 + 1e-4 * (m - 40))) < 4e-4
+    assert lf.correction(8, 500, C) == pytest.approx(lf.correction(8, hi, C))
+    assert lf.line(32, C) is None and lf.correction(32, 64, C) == 0.0
+    # one shape only (a steady plan): the level moves, the slope does not
+    one = LocalFit(decode_tokens=9)
+    for _ in range(20):
+        one.observe(8, 16, _rows(cm, 8, 2), float(C @ _rows(cm, 8, 2)) + 1e-3)
+    a1, b1, *_ = one.line(8, C)
+    assert b1 == 0.0 and a1 == pytest.approx(1e-3 * 20 / 24)
+
+
+def test_prediction_adds_the_local_correction():
+    cm = CostModel(_moe_config())
+    cm.c = C.copy()
+    x = _rows(cm, 4, 3)
+    z = np.zeros(5)
+    before = cm.predict(x, z)
+    for _ in range(10):
+        cm.local.observe(4, 12, x, float(C @ x) * 1.5)
+    assert cm.predict(x, z) == pytest.approx(before + cm.local.correction(4, 12, cm.c))
+    assert cm.predict(x, z) > 1.3 * before
+
+
+def test_plan_stops_a_draft_the_measured_steps_show_does_not_pay(runner):
+    """Acceptance 0.3 at batch 8, a model pricing the drafted step (16 tokens)
+    12% over the undrafted one: the plan drafts a token for every request.
+    Steps measured where the drafted step costs 1.5x the undrafted (which the
+    model prices right): the local line makes it 1.3x or more, and the plan
+    drafts nothing."""
+    ctl = _controller(runner, [5e-3, 1e-4, 1e-4, 0, 0, 0], [0, 0, 0, 0, 0], acceptance=0.3)
+    cm = ctl.cost
+    s = sched_for(8, start_id=300)
+    ctl.plan(s, lambda e: True)
+    assert all(e.k >= 1 for e in s), [e.k for e in s]
+    base, drafted = _rows(cm, 8, 1, 39), _rows(cm, 8, 2, 39)
+    for _ in range(20):
+        cm.local.observe(8, 8, base, float(cm.c @ base))
+        cm.local.observe(8, 16, drafted, float(cm.c @ base) * 1.5)
+    assert cm.predict(drafted, np.zeros(5)) / cm.predict(base, np.zeros(5)) > 1.3
+    ctl._last = None
+    s = sched_for(8, start_id=300)
+    ctl.plan(s, lambda e: True)
+    assert [e.k for e in s] == [0] * 8
+
+
+def _run(ctl, steps, p, B=4, start_id=500):
+    """Plan and observe `steps` steps (times as the model prices them, each
+    draft accepted with probability p up to the first miss); the steps where
+    the plan's drafts were withheld (off probes) by index."""
+    off = []
+    rng = np.random.default_rng(5)
+    for i in range(steps):
+        s = sched_for(B, start_id=start_id)
+        n0 = ctl.off_probes
+        ctl.plan(s, lambda e: True)
+        if ctl.off_probes > n0:
+            assert all(e.k == 0 for e in s)
+            off.append(i)
+        q = [1 + e.k for e in s]
+        t = ctl.cost.predict(ctl.cost.target_features(q, [39] * B), np.zeros(5))
+        acc = [int(np.argmin(np.append(rng.random(e.k) < p, False))) for e in s]
+        ctl.observe([(e.req.id, e.k, a, True) for e, a in zip(s, acc)], q, [e.k for e in s], target_s=t,
+                    draft_s=0.0, step_s=t, distinct=None)
+    return off
+
+
+def test_off_probes_measure_the_undrafted_step_of_a_marginal_plan(runner):
+    """A plan that drafts for a small expected gain (acceptance 0.3, a draft
+    nearly as dear as it is worth) runs one step undrafted, learned from,
+    every `off_probe_every` observed steps; a plan whose drafts clearly pay
+    (acceptance 0.95, drafts nearly free) never does."""
+    ctl = _controller(runner, [5e-3, 1e-4, 4e-4, 0, 0, 0], [0, 0, 0, 0, 0], acceptance=0.3)
+    ctl.cost.refit = lambda: None
+    ctl.max_backoff = ctl.start_backoff = 10 ** 6          # no cool-down probes in the way
+    fed = []
+    inner = ctl.cost.observe
+    ctl.cost.observe = lambda *a: fed.append(ctl._observed) or inner(*a)
+    off = _run(ctl, 140, 0.3)
+    assert 1 < ctl.plan_gain < 1 + ctl.off_probe_gain
+    assert 2 <= len(off) <= 3 and all(b - a >= ctl.off_probe_every for a, b in zip(off, off[1:])), off
+    assert all(i + 1 in fed for i in off)                 # each off probe fed the cost model
+    assert sum(ctl.k_chosen[k] for k in ctl.k_chosen if k) > 100 * 4     # the plan drafted throughout
+    good = _controller(runner, [5e-3, 1e-4, 1e-6, 0, 0, 0], [0, 0, 0, 0, 0], acceptance=0.95)
+    good.cost.refit = lambda: None
+    assert _run(good, 140, 0.95) == [] and good.off_probes == 0 and good.plan_gain > 1.5
