@@ -175,10 +175,9 @@ def run_real(args, log):
     from specmoe.experts.runner import ModelRunner
     moe, draft = bundled_model("tiny-moe"), bundled_model("tiny-draft")
     max_b = max(args.batch_list)
-    runner = ModelRunner.from_pretrained(moe, max_seqs=max_b,
-                                         max_seq_len=args.prompt_len + tokens_for(args, min(args.batch_list)) + 16)
+    seq_len = args.prompt_len + tokens_for(args, min(args.batch_list)) + 16
     tok = Engine.from_pretrained(moe, max_batch=1, max_seq_len=64).tokenizer
-    pool = held_out_prompts(tok, max_b, args.prompt_len)
+    pool = held_out_prompts(tok, max(max_b, args.real_prompts), args.prompt_len)
     drafters = {"ngram": {"method": "ngram"}, "draft_model": {"method": "draft_model", "draft_model": str(draft)},
                 "layer_skip": {"method": "layer_skip", "layers": 1}}
     unknown = set(args.drafters.split(",")) - set(drafters)
@@ -188,8 +187,11 @@ def run_real(args, log):
     rows, table = [], []
     for name, spec in drafters.items():
         for batch in args.batch_list:
-            prompts = pool[:batch]
-            params = SamplingParams(max_tokens=tokens_for(args, batch), ignore_eos=True)
+            # `batch` requests at a time (the runner's slots), over --real-prompts prompts (at least `batch`):
+            # a batch-1 cell of one prompt measures that prompt's text, not the drafter's
+            runner = ModelRunner.from_pretrained(moe, max_seqs=batch, max_seq_len=seq_len)
+            prompts = pool[:max(batch, args.real_prompts)]
+            params = SamplingParams(max_tokens=tokens_for(args, len(prompts)), ignore_eos=True)
             engines = {}
             for p in policies(args.ks_list):
                 if p == "off":
@@ -298,6 +300,8 @@ def parse_args(argv):
     ap.add_argument("--real-only", action="store_true", help="run only the real-drafter section")
     ap.add_argument("--drafters", default="ngram,draft_model,layer_skip",
                     help="the real-drafter section's drafters (ngram, draft_model, layer_skip)")
+    ap.add_argument("--real-prompts", type=int, default=0,
+                    help="the real-drafter section's prompts per cell, `batch` at a time (default: `batch`)")
     ap.add_argument("--out", default=".cache", help="where the bench checkpoints are built or found")
     ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None)
@@ -335,7 +339,9 @@ def main(argv=None) -> int:
     print(f"machine: {cpu_model()}, torch threads 1, device cpu, float32; commit {git_revision()}; "
           f"load average at start {loadavg()}")
     print(f"settings: prompt {args.prompt_len} tokens, max({args.new_tokens}, ceil({args.min_tokens} / batch)) new "
-          f"tokens per request, {args.reps} interleaved reps after one warm-up run per policy\n")
+          f"tokens per request, {args.reps} interleaved reps after one warm-up run per policy"
+          + (f"; real drafters: {args.real_prompts} prompts per cell, `batch` at a time" if args.real_prompts else "")
+          + "\n")
     from specmoe.experts.runner import ModelRunner
     root = Path(args.out)
     builders = {"moe-bench": build_checkpoint, "dense-bench": build_dense_checkpoint}
