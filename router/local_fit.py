@@ -45,7 +45,7 @@ class LocalFit:
     def line(self, seqs: int, c: np.ndarray) -> tuple | None:
         """(a, b, mean n, lowest n, highest n) for a step of `seqs` sequences, residuals against
         coefficients c, or None (no steps near it). Cached until 8 more steps are observed or c is another
-        array (each plan reads it; a recomputation is ~50 us of Python and numpy)."""
+        array (each plan reads it; a recomputation reads the whole window)."""
         if c is not self._c or self._new >= 8:
             self._c, self._new = c, 0
             self._lines.clear()
