@@ -45,9 +45,9 @@ Around the plan:
   steps, and the price of not drafting (the base every plan is measured
   against) comes from the profile and from extrapolation alone; where that
   base is overpriced the draft's added time looks smaller than it is (batch
-  64 at acceptance 0.3 on moe-bench: the 63-sequence undrafted step priced
-  10% over its time, the first draft's time 18% under, so every step drafted
-  one token that did not pay). So when a plan drafts, expects less than
+  64 at acceptance 0.3 on moe-bench, docs/BENCHMARKS.md "Session 7": the
+  undrafted 64-token step priced 148 ms against 123 measured, a one-token
+  draft's extra time 33 ms against 56, and every step drafted a token). So when a plan drafts, expects less than
   `off_probe_gain` over not drafting, and no undrafted step of about this
   many sequences (within 1/8) fed the cost model in the last
   `off_probe_every` observed steps, the step runs undrafted and is learned
@@ -142,7 +142,7 @@ class Controller:
         self.off_probe_every, self.off_probe_gain = off_probe_every, off_probe_gain
         self._base_seen: deque = deque(maxlen=32)
         self._last_off_probe = -off_probe_every     # at most one in off_probe_every steps, whatever it found
-        self.plan_gain = 1.0            # the last full plan's expected goodput over none drafting (plan_search)
+        self.plan_gain = 1.0            # the last full plan's expected goodput over none drafting (greedy_plan's)
         self.off_probes = 0
         self._learn_every = 1
         self._learn_wait = 0
@@ -213,7 +213,7 @@ class Controller:
                 want = 0 if st.cooldown > 0 else max(int(np.sum(surv[j] >= 0.5)), int(st.probe))
                 k[i] = min(want, self.fallback_k, sched[i].k)
         elif auto:
-            self._greedy(sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag)
+            self.plan_gain = self._greedy(sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag)
             last = (tuple(sched[i].req.id for i in auto), tuple((sched[i].k, sched[i].kind) for i in auto),
                     tuple(int(k[i]) for i in auto))
             self._steady = self._steady + 1 if self._last is not None and last == self._last else 0
@@ -319,8 +319,8 @@ class Controller:
                 return False
         return True
 
-    def _greedy(self, sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag_all) -> None:
-        greedy_plan(self, sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag_all)
+    def _greedy(self, sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag_all) -> float:
+        return greedy_plan(self, sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag_all)
 
     # ---- learning --------------------------------------------------------------------------------------------
 

@@ -6,9 +6,9 @@ machine's curve bends more than its features do, the fit is right on average
 and wrong at the margin the plan decides on: on moe-bench at batch 64 and
 acceptance 0.3 (`scripts/cost_fit.py --synthetic 0.3 --batch 64`, one run) the
 undrafted 64-token step was priced 20% over its time and a one-token draft
-for every request at 0.59 of its measured 56 ms, so every step drafted a token
-that did not pay; the profile's steps of 32-384 tokens set a slope past the
-knee that is right for neither 64 -> 128 nor 128 -> 384.
+for every request at 0.59 of its measured 56 ms, while auto drafted a token
+every step; the slope past the knee is one figure for every batch, set mostly
+by the profile's steps of 32-384 tokens.
 
 So the residuals (measured target time minus the model's price of the step as
 planned, against the current coefficients) of the window's decode steps with

@@ -6,11 +6,12 @@ second while it raises goodput, then try every uniform depth as a whole plan."""
 import numpy as np
 
 
-def greedy_plan(ctl, sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag_all) -> None:
+def greedy_plan(ctl, sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag_all) -> float:
     """The controller's plan search. ctl: the Controller, whose cost model,
     acceptance estimate, expert overlap and per-request state it reads; it
     sets k[i] for the auto entries, fills breakeven, and updates the probe
-    interval new requests start at. Rounds of: every request's best extension
+    interval new requests start at. Returns the plan's expected goodput over
+    none drafting, as priced (what the controller's off probes read). Rounds of: every request's best extension
     (tokens gained per second added, priced at the round's plan), then, in
     order of that ratio, take each whose price re-checked at the current plan
     still raises goodput. Scalar Python over at most B * k_max candidates per
@@ -208,5 +209,4 @@ def greedy_plan(ctl, sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag_a
             kk[j] = 1
     for j, i in enumerate(auto):
         k[i] = kk[j]
-    # the plan's expected goodput over none drafting, as priced (what the off probe's test reads)
-    ctl.plan_gain = (V / max(T, 1e-12)) / max(V0 / max(T0, 1e-12), 1e-12)
+    return (V / max(T, 1e-12)) / max(V0 / max(T0, 1e-12), 1e-12)
