@@ -268,11 +268,25 @@ class EPRunner:
                     self._fail(f"EP worker rank {dead[0]} of {self.W} died during {what}")
                 self._fail(f"EP worker rank {i} of {self.W} did not answer within {timeout_s:.0f} s during {what}")
             except Exception as e:
-                dead = self._dead_ranks([w.node.remote() for w in self.workers], None)
-                who = dead[0] if dead else i
-                self._fail(f"EP worker rank {who} of {self.W} {'died' if dead else 'failed'} during {what}: "
-                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                self._fail_compiled(e, what, i)
         return out
+
+    def _submit_compiled(self, plan: bytes, what: str) -> list:
+        """The compiled graph's execute: a worker that died since the last step
+        can have the graph's channels closed already, so the plan's write fails
+        (RayChannelError) before any result is read."""
+        try:
+            return self._dag.execute(plan)
+        except Exception as e:
+            self._fail_compiled(e, what, None)
+
+    def _fail_compiled(self, e: Exception, what: str, rank: int | None):
+        """A compiled graph's error: names the dead rank if Ray reports one (else `rank`, if known)."""
+        dead = self._dead_ranks([w.node.remote() for w in self.workers], None)
+        who = dead[0] if dead else rank
+        self._fail(f"EP worker {'rank ' + str(who) + ' ' if who is not None else ''}of {self.W} "
+                   f"{'died' if dead else 'failed'} during {what}: "
+                   f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
     def _gather_channel(self, logits: torch.Tensor, spans: list, what: str, timeout_s: float) -> list[bytearray]:
         """The socket control plane's results (logits rows into `logits`, see
@@ -433,7 +447,7 @@ class EPRunner:
             logits = torch.empty(num_rows, V)
             raw = self._gather_channel(logits, spans, what, self.step_timeout_s)
         elif self._dag is not None:
-            raw = self._gather_compiled(self._dag.execute(plan), what, self.step_timeout_s)
+            raw = self._gather_compiled(self._submit_compiled(plan, what), what, self.step_timeout_s)
         else:
             raw = self._gather([w.step.remote(plan) for w in self.workers], what, self.step_timeout_s)
         t2 = time.perf_counter()

@@ -452,6 +452,27 @@ def test_auto_speculation_under_ep(ray_cluster, target, plain):
 
 # Last in the module: killing a worker of a compiled graph can take its node's raylet down with it
 # (seen once: a later test's workers then died at start-up).
+def test_worker_killed_between_steps_of_a_compiled_graph_is_named(ray_cluster, target):
+    """A worker dies between two steps: the compiled graph's monitor closes its
+    channels, so the next plan's write fails before any result is read (a
+    RayChannelError that escaped as such once in CI). It ends as the same
+    EPWorkerError naming the dead rank as a death mid-step does."""
+    import ray
+
+    from specmoe.experts.ep_runner import EPRunner, EPWorkerError
+    runner = EPRunner.from_pretrained(target, ep=2, max_seqs=8, max_seq_len=128, num_cpus_per_worker=0.5,
+                                      collective_timeout_s=30, control="compiled")
+    eng = Engine(runner)
+    try:
+        eng.generate(PROMPTS[:2], SamplingParams(max_tokens=4, ignore_eos=True))      # warm: it works
+        ray.kill(runner.workers[1])
+        time.sleep(3.0)                         # the graph's monitor notices and tears the channels down
+        with pytest.raises(EPWorkerError, match=r"rank 1 of 2 died"):
+            eng.generate(PROMPTS[:2], SamplingParams(max_tokens=4, ignore_eos=True))
+    finally:
+        runner.close()
+
+
 @pytest.mark.parametrize("control", ["socket", "actor", "compiled"])
 def test_killed_worker_is_detected_within_5s_and_nothing_hangs(control, ray_cluster, target):
     import ray
