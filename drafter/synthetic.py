@@ -19,14 +19,20 @@ class SyntheticProposer(Proposer):
     alpha * decay**j, otherwise a token that is surely wrong. Nothing is
     proposed beyond the end of c. Drafts are one-hot (probs None).
 
-    The coin flips are common random numbers: drawn from a generator keyed by
-    (seed, prompt, which run of that prompt this request is, i, how often this
-    request was asked at i), never from the request's generator (a benchmark's
-    acceptance does not perturb its sampling). Two engines given the same
-    prompts in the same order therefore see the same coins wherever they draft
-    at the same place, so policies are compared on the same luck (at batch 1
-    a few dozen steps would otherwise differ by several percent in accepted
-    tokens from the coins alone).
+    The coin flips are common random numbers, one per position of the
+    continuation: token c[t] gets a coin u_t (and a wrong token) drawn from
+    a generator keyed by (seed, prompt, which run of that prompt this request
+    is, t), never from the request's generator (a benchmark's acceptance does
+    not perturb its sampling), and is proposed right iff u_t < alpha *
+    decay**j at draft position j. Asked again at t (its earlier proposal was
+    never verified: a draft before it was rejected), the same coin answers,
+    which leaves every verified draft's odds as stated, since an unverified
+    proposal reveals nothing of u_t. Two engines given the same prompts in the
+    same order therefore face the same luck at every position, whatever depth
+    they draft at and wherever their steps start (with flat acceptance the
+    same tokens are hard for every policy), so policies are compared on the
+    same coins; a run of a few dozen steps would otherwise differ by several
+    percent in accepted tokens from the coins alone.
 
     continuations: prompt token tuple -> true continuation. When several
     prompts prefix the tokens, the longest wins. prompt_alpha: prompt token
@@ -55,7 +61,7 @@ class SyntheticProposer(Proposer):
         self.set_alpha(alpha, prompt_alpha)
         self._runs: Counter = Counter()       # prompt -> requests seen with it
         self._run_of: dict[int, tuple[int, int]] = {}     # request id -> (prompt index, run)
-        self._asked: dict[int, Counter] = {}  # request id -> {i: proposals made there}
+        self._coins: dict[int, dict[int, tuple[float, int]]] = {}  # request id -> {t: coin}, drawn once
 
     def set_alpha(self, alpha: float, prompt_alpha: dict[tuple[int, ...], float] | None = None) -> None:
         """The acceptance rate from now on: `alpha`, or a prompt's own from
@@ -99,20 +105,25 @@ class SyntheticProposer(Proposer):
             if run is None:
                 run = self._run_of[inp.req_id] = (pidx, self._runs[pidx])
                 self._runs[pidx] += 1
-            seen = self._asked.setdefault(inp.req_id, Counter())
-            asked = seen[i]
-            seen[i] += 1
-            rng = random.Random(f"{self.seed}/{run[0]}/{run[1]}/{i}/{asked}")
             alpha = self._alpha_of.get(pidx, self.alpha)
+            coins = self._coins.setdefault(inp.req_id, {})
             tokens = []
             for j in range(k):
-                u, r = rng.random(), rng.randrange(self.vocab_size - 1)
+                coin = coins.get(i + j)
+                if coin is None:
+                    coin = coins[i + j] = self._coin(run, i + j)
+                u, r = coin
                 # A miss is shifted by 1..V-1 from the true token: never equal to it.
                 tokens.append(cont[i + j] if u < alpha * self.decay ** j
                               else (cont[i + j] + 1 + r) % self.vocab_size)
             out.append(Proposal(tokens))
         return out
 
+    def _coin(self, run: tuple[int, int], t: int) -> tuple[float, int]:
+        """(u_t, the wrong token's shift - 1) of position t of a prompt's run."""
+        rng = random.Random(f"{self.seed}/{run[0]}/{run[1]}/{t}")
+        return rng.random(), rng.randrange(self.vocab_size - 1)
+
     def release(self, req_id: int) -> None:
         self._run_of.pop(req_id, None)
-        self._asked.pop(req_id, None)
+        self._coins.pop(req_id, None)

@@ -5,10 +5,15 @@
 
 Every cell (model, ep, batch, alpha, decay) runs the policies "off", "auto"
 and "k=1".."k=8" on the same prompts through the real engine (scheduler,
-verification, the controller's plan), interleaved: repetition r runs every
-policy once, in an order rotated by r, and a cell's figure is the median over
-repetitions. Each policy's engine first runs the cell's prompts once untimed
-(warm-up; for "auto" this is also where it learns the acceptance rate).
+verification, the controller's plan), interleaved step by step: in every
+repetition all policies' engines hold the cell's requests at once and advance
+one step each in turn (scripts/lockstep.py), each timed by the sum of its own
+steps, so this VM's drift from one second to the next reaches every policy
+alike; a cell's figure is the median over repetitions. `--interleave run`
+runs each policy's whole generation in turn instead (the order rotated by
+repetition, wall clock), as before 2026-12-02 and always under EP. Each
+policy's engine first runs the cell's prompts once untimed (warm-up; for
+"auto" this is also where it learns the acceptance rate).
 
 The drafter is SYNTHETIC (drafter/synthetic.py, benchmarks only): it proposes
 the target's own greedy continuation (recorded beforehand) with probability
@@ -25,8 +30,8 @@ text), concurrency changing over time; a single fixed k then drafts as deep
 for both kinds, where a per-request k need not.
 
 Output: a markdown table per section on stdout, --json (rows {"model", "ep",
-"batch", "alpha", "decay", "policy", "tokens_per_s", "tpot_ms", "mean_k"}),
---png (heatmap of the best fixed k per cell next to auto's mean k; needs
+"batch", "alpha", "decay", "policy", "tokens_per_s", "tpot_ms", "mean_k"}; grid
+rows also "tokens_per_s_reps", every repetition's figure), --png (heatmap of the best fixed k per cell next to auto's mean k; needs
 matplotlib). Timings on a shared machine are noisy: compare ratios inside a run.
 """
 
@@ -43,6 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_forward import cpu_model, loadavg  # noqa: E402
 from bench_spec import git_revision, rotate  # noqa: E402
+from lockstep import lockstep, own_runner  # noqa: E402
 from make_moe_bench import build_checkpoint, build_dense_checkpoint  # noqa: E402
 
 KS = list(range(1, 9))
@@ -81,9 +87,20 @@ def timed_generate(eng, prompts, params):
     return tokens / wall, tpot, mean_k
 
 
-def interleaved(engines, prompts, params, reps):
+def interleaved(engines, prompts, params, reps, step=True):
     """Each engine runs the prompts once untimed (warm-up; "auto" learns there),
-    then `reps` timed times, the order rotated by repetition: {policy: [samples]}."""
+    then `reps` timed times: {policy: [samples]}. step: all engines at once, one
+    step each in turn (scripts/lockstep.py; each engine owns its runner), each
+    timed by its own steps; else each engine's whole run in turn, the order
+    rotated by repetition, timed by the wall clock."""
+    if step:
+        phases = [(prompts, params, None)]
+        lockstep(engines, phases)
+        samples = {p: [] for p in engines}
+        for r in range(reps):
+            for p, c in lockstep(engines, phases, start=r).items():
+                samples[p].append((c.tokens / c.seconds, c.tpot_ms(), c.mean_k()))
+        return samples
     for eng in engines.values():
         timed_generate(eng, prompts, params)
     samples = {p: [] for p in engines}
@@ -93,19 +110,25 @@ def interleaved(engines, prompts, params, reps):
     return samples
 
 
-def run_cell(runner, prompts, conts, batch, alpha, decay, ks, reps, new_tokens, seed, V):
+def runner_for(runner, step):
+    """The runner a policy's engine gets: its own over the same weights when
+    the engines step at once (they all hold requests), else the shared one."""
+    return own_runner(runner) if step else runner
+
+
+def run_cell(runner, prompts, conts, batch, alpha, decay, ks, reps, new_tokens, seed, V, step=True):
     from specmoe import SamplingParams
     from specmoe.drafter import SyntheticProposer
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
 
     def factory():
         return SyntheticProposer(conts, alpha, decay, vocab_size=V, seed=seed)
-    engines = {p: make_engine(runner, p, factory) for p in policies(ks)}
-    samples = interleaved(engines, prompts, params, reps)
+    engines = {p: make_engine(runner_for(runner, step), p, factory) for p in policies(ks)}
+    samples = interleaved(engines, prompts, params, reps, step)
     out = {}
     for p, xs in samples.items():
         out[p] = {"tokens_per_s": statistics.median(x[0] for x in xs), "tpot_ms": statistics.median(x[1] for x in xs),
-                  "mean_k": statistics.mean(x[2] for x in xs)}
+                  "mean_k": statistics.mean(x[2] for x in xs), "reps": [round(x[0], 2) for x in xs]}
         if p == "auto":
             st = engines[p].stats()
             out[p]["mape"] = st["cost_model_mape"]
@@ -120,7 +143,7 @@ TRACES = {"mixed": ((1, 0.9), (16, 0.3), (4, 0.7), (64, 0.5), (2, 0.2), (8, 0.9)
           "hetero": ((1, 0.9), (4, (0.9, 0.2)), (16, (0.9, 0.2)), (1, 0.2), (8, (0.9, 0.2)), (2, (0.9, 0.2)))}
 
 
-def run_trace(runner, prompt_pool, conts, phases, ks, reps, new_tokens, seed, V, log):
+def run_trace(runner, prompt_pool, conts, phases, ks, reps, new_tokens, seed, V, log, step=True):
     """Phases [(batch, alpha or alphas)] back to back on one engine per policy."""
     from specmoe import SamplingParams
     from specmoe.drafter import SyntheticProposer
@@ -129,18 +152,32 @@ def run_trace(runner, prompt_pool, conts, phases, ks, reps, new_tokens, seed, V,
     for p in policies(ks):
         prop = SyntheticProposer(conts, 0.0, vocab_size=V, seed=seed) if p != "off" else None
         props[p] = prop
-        engines[p] = make_engine(runner, p, lambda prop=prop: prop)
+        engines[p] = make_engine(runner_for(runner, step), p, lambda prop=prop: prop)
+
+    def set_alpha(p, alpha, batch):
+        if props[p] is not None:
+            rates = alpha if isinstance(alpha, tuple) else (alpha,)
+            props[p].set_alpha(rates[0], {tuple(q): rates[j % len(rates)] for j, q in enumerate(prompt_pool[:batch])})
+
     samples = {p: [] for p in engines}
     phase_s = {p: [[] for _ in phases] for p in engines}
     phase_tokens = [0] * len(phases)
     for r in range(reps + 1):                 # repetition 0 is the warm-up
+        if step:
+            jobs = {p: [(prompt_pool[:b], params, lambda p=p, a=a, b=b: set_alpha(p, a, b)) for b, a in phases]
+                    for p in engines}
+            for p, c in lockstep(engines, jobs, start=r).items():
+                phase_tokens[:] = c.phase_tokens
+                if r:
+                    samples[p].append(c.tokens / c.seconds)
+                    for i, dt in enumerate(c.phase_s):
+                        phase_s[p][i].append(dt)
+            log(f"trace repetition {r} done")
+            continue
         for p in rotate(list(engines), r):
             tokens, wall = 0, 0.0
             for i, (batch, alpha) in enumerate(phases):
-                if props[p] is not None:
-                    rates = alpha if isinstance(alpha, tuple) else (alpha,)
-                    props[p].set_alpha(rates[0], {tuple(q): rates[j % len(rates)]
-                                                  for j, q in enumerate(prompt_pool[:batch])})
+                set_alpha(p, alpha, batch)
                 t0 = time.perf_counter()
                 outs = engines[p].generate(prompt_pool[:batch], params)
                 dt = time.perf_counter() - t0
@@ -189,18 +226,20 @@ def run_real(args, log):
         for batch in args.batch_list:
             # `batch` requests at a time (the runner's slots), over --real-prompts prompts (at least `batch`):
             # a batch-1 cell of one prompt measures that prompt's text, not the drafter's
-            runner = ModelRunner.from_pretrained(moe, max_seqs=batch, max_seq_len=seq_len)
+            base = ModelRunner.from_pretrained(moe, max_seqs=batch, max_seq_len=seq_len)
+            step = args.interleave == "step"
             prompts = pool[:max(batch, args.real_prompts)]
             params = SamplingParams(max_tokens=tokens_for(args, len(prompts)), ignore_eos=True)
             engines = {}
             for p in policies(args.ks_list):
+                runner = runner_for(base, step)
                 if p == "off":
                     engines[p] = Engine(runner)
                 elif p == "auto":
                     engines[p] = Engine(runner, speculation={**spec, "k": max(KS), "auto": True})
                 else:
                     engines[p] = Engine(runner, speculation={**spec, "k": int(p[2:])})
-            samples = interleaved(engines, prompts, params, args.reps)
+            samples = interleaved(engines, prompts, params, args.reps, step)
             res = {p: statistics.median(x[0] for x in xs) for p, xs in samples.items()}
             mean_k = statistics.mean(x[2] for x in samples["auto"])
             for p, xs in samples.items():
@@ -302,6 +341,10 @@ def parse_args(argv):
                     help="the real-drafter section's drafters (ngram, draft_model, layer_skip)")
     ap.add_argument("--real-prompts", type=int, default=0,
                     help="the real-drafter section's prompts per cell, `batch` at a time (default: `batch`)")
+    ap.add_argument("--interleave", default="step", choices=("step", "run"),
+                    help="step: every policy's engine holds its requests at once and they step in turn, each "
+                         "timed by its own steps (the VM's drift reaches all alike); run: each policy's whole run "
+                         "in turn, wall clock (the EP runner always: its workers are not copied per policy)")
     ap.add_argument("--out", default=".cache", help="where the bench checkpoints are built or found")
     ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None)
@@ -356,6 +399,7 @@ def main(argv=None) -> int:
             else:
                 from specmoe.experts.ep_runner import EPRunner
                 runner = EPRunner.from_pretrained(path, ep=ep, max_seqs=max_b, max_seq_len=seq_len)
+            step = args.interleave == "step" and own_runner(runner) is not None
             V = runner.config.vocab_size
             g = torch.Generator().manual_seed(args.seed)
             pool = [torch.randint(0, V, (args.prompt_len,), generator=g).tolist() for _ in range(max_b)]
@@ -368,11 +412,12 @@ def main(argv=None) -> int:
                     for batch in args.batch_list:
                         for alpha in args.alpha_list:
                             res = run_cell(runner, pool[:batch], conts, batch, alpha, decay, args.ks_list,
-                                           args.reps, tokens_for(args, batch), args.seed, V)
+                                           args.reps, tokens_for(args, batch), args.seed, V, step)
                             for p, r in res.items():
                                 rows.append({"model": model, "ep": ep, "batch": batch, "alpha": alpha,
                                              "decay": decay, "policy": p, "tokens_per_s": r["tokens_per_s"],
-                                             "tpot_ms": r["tpot_ms"], "mean_k": r["mean_k"]})
+                                             "tpot_ms": r["tpot_ms"], "mean_k": r["mean_k"],
+                                             "tokens_per_s_reps": r["reps"]})
                             off, bk, best, auto = fmt_cell(res, args.ks_list)
                             summary.append((model, ep, decay, batch, alpha, off, bk, best, auto,
                                             res["auto"]["mean_k"], res["auto"]["mape"], res["auto"]["overhead"]))
@@ -382,7 +427,7 @@ def main(argv=None) -> int:
             for kind in (args.trace_kind.split(",") if args.trace or args.trace_only else []):
                 phases = [(b, a) for b, a in TRACES[kind] if b <= max_b]     # --batch's largest caps the phases
                 res, oracle, best_phase = run_trace(runner, pool, conts, phases, args.ks_list, args.reps,
-                                                    args.new_tokens, args.seed, V, log)
+                                                    args.new_tokens, args.seed, V, log, step)
                 best_p = max((p for p in res if p.startswith("k=")), key=res.get)
                 print(f"\n## {kind.capitalize()} trace: {model}, ep {ep}, phases (batch, alpha or alphas cycled over "
                       f"the requests) {phases}\n")

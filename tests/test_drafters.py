@@ -373,9 +373,10 @@ def test_synthetic_acceptance_rate_per_position():
     request_gen = torch.Generator().manual_seed(0)
     state = request_gen.get_state()
     hits = torch.zeros(k)
-    for _ in range(n):
-        [p] = prop.propose([DraftInput(0, list(PROMPT) + CONT[:1], k, 1.0, generator=request_gen)])
+    for rid in range(n):                 # a request per sample: each run of the prompt draws its own coins
+        [p] = prop.propose([DraftInput(rid, list(PROMPT) + CONT[:1], k, 1.0, generator=request_gen)])
         hits += torch.tensor([float(a == b) for a, b in zip(p.tokens, CONT[1:])])
+        prop.release(rid)
     assert torch.equal(request_gen.get_state(), state), "the request's generator was used"
     for j in range(k):
         want = alpha * decay ** j
@@ -396,6 +397,29 @@ def test_synthetic_coins_are_common_to_engines_and_fresh_per_run():
     b.release(100)
     second = [ask(b, (101, list(PROMPT) + cont[:i], 8))[0] for i in (0, 5, 9)]
     assert second != first
+
+
+def test_synthetic_coin_is_per_position_whatever_the_depth_or_start():
+    """Flat acceptance: whether c[t] is proposed right depends on t alone, not
+    on where the draft starts or how deep it is, so a shallow and a deep
+    policy face the same hard tokens; asked again at t, the same answer. With
+    decay, the threshold falls with depth on the same coin: a position right
+    at depth j is right at every shallower depth."""
+    cont = list(range(10, 70))
+    flat = SyntheticProposer({PROMPT: cont}, 0.5, vocab_size=VOCAB, seed=5)
+    right = {}
+    for i in range(0, 52, 4):
+        for k in (1, 3, 8):
+            [d] = ask(flat, (1, list(PROMPT) + cont[:i], k))
+            for j, tok in enumerate(d):
+                right.setdefault(i + j, set()).add(tok == cont[i + j])
+    assert all(len(v) == 1 for v in right.values()), "a position's verdict changed with the draft's start or depth"
+    verdicts = [v.pop() for _, v in sorted(right.items())]
+    assert 0 < sum(verdicts) < len(verdicts)
+    decayed = SyntheticProposer({PROMPT: cont}, 0.9, 0.7, vocab_size=VOCAB, seed=5)
+    for t in range(8, 40):
+        depth_right = [ask(decayed, (2, list(PROMPT) + cont[:t - j], j + 1))[0][j] == cont[t] for j in range(8)]
+        assert depth_right == sorted(depth_right, reverse=True), (t, depth_right)     # right, then wrong
 
 
 def test_synthetic_per_prompt_alpha():

@@ -1,0 +1,95 @@
+"""Step-interleaved timing of several engines on one machine.
+
+Benchmarks that compare policies ("off", "auto", k = 1..8) used to run each
+policy's whole generation in turn; on a VM whose speed drifts by up to 1.5x
+from one minute to the next, a policy's figure then carries the speed of the
+seconds it happened to run in. Here every engine advances one step in turn
+(the order rotated each round, so none always follows another), and each
+engine's time is the sum of its own `Engine.step()` calls: drift over
+seconds reaches every policy alike. Each engine must own its runner (KV
+cache slots), since all of them hold requests at once; `own_runner` makes one
+over the same weights.
+"""
+
+import time
+
+
+class Clock:
+    """What one engine's generation measured on its own time: the sum of its steps."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.seconds = 0.0
+        self.tokens = 0
+        self.first, self.last, self.count = {}, {}, {}     # request index -> own-clock time, tokens
+        self.phase_s, self.phase_tokens = [], []
+        self._k0 = dict(engine.telemetry.k_histogram)
+
+    def tpot_ms(self) -> float:
+        xs = sorted((self.last[i] - self.first[i]) / (self.count[i] - 1) * 1e3 for i in self.count
+                    if self.count[i] > 1)
+        return xs[len(xs) // 2] if xs else float("nan")
+
+    def mean_k(self) -> float:
+        """Mean draft length per request-step over this generation."""
+        hist = {k: v - self._k0.get(k, 0) for k, v in self.engine.telemetry.k_histogram.items()}
+        n = sum(hist.values())
+        return sum(k * v for k, v in hist.items()) / n if n else 0.0
+
+
+def generation(clock: Clock, phases):
+    """Runs `phases` [(prompts, params, before or None)] back to back on the
+    clock's engine, yielding after every step; `before()` runs (untimed) as a
+    phase starts. Requests are numbered per phase from 0 (their `index`)."""
+    eng = clock.engine
+    for n, (prompts, params, before) in enumerate(phases):
+        if before is not None:
+            before()
+        for i, p in enumerate(prompts):
+            eng.add_request(p, params, i)
+        t_phase, tok_phase = clock.seconds, clock.tokens
+        while eng.has_work:
+            t0 = time.perf_counter()
+            events = eng.step()
+            clock.seconds += time.perf_counter() - t0
+            for _, chunk in events:
+                if chunk.token_ids:
+                    key = (n, chunk.index)
+                    clock.first.setdefault(key, clock.seconds)
+                    clock.last[key] = clock.seconds
+                    clock.count[key] = clock.count.get(key, 0) + len(chunk.token_ids)
+                    clock.tokens += len(chunk.token_ids)
+            yield
+        clock.phase_s.append(clock.seconds - t_phase)
+        clock.phase_tokens.append(clock.tokens - tok_phase)
+
+
+def lockstep(engines: dict, phases, start: int = 0) -> dict:
+    """Every engine of {name: Engine} runs `phases` (see `generation`; a dict
+    {name: phases} where they differ, e.g. in their `before`), one step each
+    in turn, round r in the order rotated by start + r; {name: Clock}."""
+    clocks = {name: Clock(e) for name, e in engines.items()}
+    live = [(name, generation(c, phases[name] if isinstance(phases, dict) else phases))
+            for name, c in clocks.items()]
+    r = start
+    while live:
+        at = r % len(live)
+        done = []
+        for name, g in live[at:] + live[:at]:
+            try:
+                next(g)
+            except StopIteration:
+                done.append(name)
+        live = [x for x in live if x[0] not in done]
+        r += 1
+    return clocks
+
+
+def own_runner(runner):
+    """A ModelRunner over `runner`'s weights with a KV cache of its own (same
+    slots and capacity). Runners that hold remote workers (EP) cannot be
+    copied this way: None."""
+    from specmoe.experts.runner import ModelRunner
+    if type(runner) is not ModelRunner:
+        return None
+    return ModelRunner(runner.model, runner.checkpoint, runner.cache.num_slots, runner.cache.capacity)
