@@ -31,8 +31,9 @@ for both kinds, where a per-request k need not.
 
 Output: a markdown table per section on stdout, --json (rows {"model", "ep",
 "batch", "alpha", "decay", "policy", "tokens_per_s", "tpot_ms", "mean_k"}; grid
-rows also "tokens_per_s_reps", every repetition's figure), --png (heatmap of the best fixed k per cell next to auto's mean k; needs
-matplotlib). Timings on a shared machine are noisy: compare ratios inside a run.
+rows also "tokens_per_s_reps", every repetition's figure), --png (heatmap of
+the best fixed k per cell next to auto's mean k; needs matplotlib). Timings
+on a shared machine are noisy: compare ratios inside a run.
 """
 
 import argparse
@@ -48,7 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_forward import cpu_model, loadavg  # noqa: E402
 from bench_spec import git_revision, rotate  # noqa: E402
-from lockstep import lockstep, own_runner  # noqa: E402
+from lockstep import Clock, lockstep, own_runner  # noqa: E402
 from make_moe_bench import build_checkpoint, build_dense_checkpoint  # noqa: E402
 
 KS = list(range(1, 9))
@@ -68,23 +69,15 @@ def make_engine(runner, policy, proposer_factory):
 
 
 def timed_generate(eng, prompts, params):
-    """(committed tokens/s, median TPOT ms over requests, mean k per request-step) of one generate call."""
-    before = dict(eng.telemetry.k_histogram)
+    """(committed tokens/s, median TPOT ms over requests, mean k per request-step) of one generate call,
+    by the wall clock."""
+    clock = Clock(eng)
     t0 = time.perf_counter()
-    first, last, count = {}, {}, {}
     for chunk in eng.generate_stream(prompts, params):
-        now = time.perf_counter()
         if chunk.token_ids:
-            first.setdefault(chunk.index, now)
-            last[chunk.index] = now
-            count[chunk.index] = count.get(chunk.index, 0) + len(chunk.token_ids)
+            clock.record(chunk.index, len(chunk.token_ids), time.perf_counter() - t0)
     wall = time.perf_counter() - t0
-    tokens = sum(count.values())
-    tpot = statistics.median((last[i] - first[i]) / (count[i] - 1) * 1e3 for i in count if count[i] > 1)
-    hist = {k: v - before.get(k, 0) for k, v in eng.telemetry.k_histogram.items()}
-    n = sum(hist.values())
-    mean_k = sum(k * v for k, v in hist.items()) / n if n else 0.0
-    return tokens / wall, tpot, mean_k
+    return clock.tokens / wall, clock.tpot_ms(), clock.mean_k()
 
 
 def interleaved(engines, prompts, params, reps, step=True):
@@ -222,12 +215,12 @@ def run_real(args, log):
         raise SystemExit(f"--drafters: unknown {sorted(unknown)}; choose from {sorted(drafters)}")
     drafters = {n: d for n, d in drafters.items() if n in args.drafters.split(",")}
     rows, table = [], []
+    step = args.interleave == "step"
     for name, spec in drafters.items():
         for batch in args.batch_list:
             # `batch` requests at a time (the runner's slots), over --real-prompts prompts (at least `batch`):
             # a batch-1 cell of one prompt measures that prompt's text, not the drafter's
             base = ModelRunner.from_pretrained(moe, max_seqs=batch, max_seq_len=seq_len)
-            step = args.interleave == "step"
             prompts = pool[:max(batch, args.real_prompts)]
             params = SamplingParams(max_tokens=tokens_for(args, len(prompts)), ignore_eos=True)
             engines = {}

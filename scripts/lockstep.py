@@ -11,6 +11,7 @@ cache slots), since all of them hold requests at once; `own_runner` makes one
 over the same weights.
 """
 
+import statistics
 import time
 
 
@@ -25,10 +26,17 @@ class Clock:
         self.phase_s, self.phase_tokens = [], []
         self._k0 = dict(engine.telemetry.k_histogram)
 
+    def record(self, key, n: int, at: float) -> None:
+        """n tokens of request `key` committed at `at` seconds (this clock's time)."""
+        self.first.setdefault(key, at)
+        self.last[key] = at
+        self.count[key] = self.count.get(key, 0) + n
+        self.tokens += n
+
     def tpot_ms(self) -> float:
-        xs = sorted((self.last[i] - self.first[i]) / (self.count[i] - 1) * 1e3 for i in self.count
-                    if self.count[i] > 1)
-        return xs[len(xs) // 2] if xs else float("nan")
+        """Median over requests of the time per output token after the first."""
+        xs = [(self.last[i] - self.first[i]) / (self.count[i] - 1) * 1e3 for i in self.count if self.count[i] > 1]
+        return statistics.median(xs) if xs else float("nan")
 
     def mean_k(self) -> float:
         """Mean draft length per request-step over this generation."""
@@ -54,11 +62,7 @@ def generation(clock: Clock, phases):
             clock.seconds += time.perf_counter() - t0
             for _, chunk in events:
                 if chunk.token_ids:
-                    key = (n, chunk.index)
-                    clock.first.setdefault(key, clock.seconds)
-                    clock.last[key] = clock.seconds
-                    clock.count[key] = clock.count.get(key, 0) + len(chunk.token_ids)
-                    clock.tokens += len(chunk.token_ids)
+                    clock.record((n, chunk.index), len(chunk.token_ids), clock.seconds)
             yield
         clock.phase_s.append(clock.seconds - t_phase)
         clock.phase_tokens.append(clock.tokens - tok_phase)

@@ -46,29 +46,23 @@ def test_lockstep_generates_what_each_engine_does_alone_and_alternates(runner):
             return Engine(own_runner(runner), tok)
         if name == "k=2":
             return Engine(own_runner(runner), tok, speculation={"method": "ngram", "k": 2})
-        return Engine(own_runner(runner), tok, proposer=SyntheticProposer(conts, 1.0, vocab_size=V), speculation={"k": 4})
+        return Engine(own_runner(runner), tok, proposer=SyntheticProposer(conts, 1.0, vocab_size=V),
+                      speculation={"k": 4})
     V = runner.config.vocab_size
     names = ["off", "k=2", "k=4"]
     alone = {name: [o.token_ids for o in make(name).generate(prompts, params)] for name in names}
     engines = {name: make(name) for name in names}
-    order = []
-    for name, eng in engines.items():
+    order, got = [], {name: {} for name in engines}
+    for name, eng in engines.items():          # log the turns and collect each engine's tokens per request
         step = eng.step
 
         def logged(step=step, name=name):
             order.append(name)
-            return step()
-        eng.step = logged
-    got = {name: {} for name in engines}
-    for name, eng in engines.items():          # collect each engine's tokens per request index
-        step = eng.step
-
-        def collecting(step=step, name=name):
             events = step()
             for _, chunk in events:
                 got[name].setdefault(chunk.index, []).extend(chunk.token_ids)
             return events
-        eng.step = collecting
+        eng.step = logged
     clocks = lockstep(engines, [(prompts, params, None)], start=1)
     for name in engines:
         assert [got[name][i] for i in range(3)] == alone[name] == [o.token_ids for o in ref], name
