@@ -54,6 +54,16 @@ Around the plan:
   from (at most once in that many steps, and only where no request of a
   fixed k drafts in it); its cost is bounded by that gain once in that many
   steps;
+- dither (off by default, `dither_every` = 0): 1 in `dither_every` drafting
+  steps runs every drafting request one draft deeper or shallower than the
+  plan (+1 and -1 in turn, within the caps) and is learned from, so the local
+  line (router/local_fit.py) sees the price at the plan's margin where a
+  steady plan's steps are all one shape. Measured, it did not pay: on
+  moe-bench at batch 4 and 16, acceptance 0.6 (docs/BENCHMARKS.md "Session
+  9"), 1 in 8 read 0.95-1.05x of no dither and 1 in 4 0.93-1.00x, its noisy
+  slope (one run fitted -0.2 ms a token) pushing the plan deeper as often as
+  it corrected it; in simulation the refits learn the slope without it, the
+  plan moving through shapes while it learns. Kept as a knob for long runs;
 - the decision's own time is measured (`overhead`).
 """
 
@@ -95,7 +105,7 @@ class Controller:
                  margin: float = 0.01, max_backoff: int = 256, explore: float = 1.0, reuse_weight: float = 1.0,
                  replan_every: int = 16, reuse_every: int = 4, hedge: float = 1.0, profile: bool = True,
                  profile_budget_s: float = 3.0, learn_budget: float = 0.005, off_probe_every: int = 64,
-                 off_probe_gain: float = 0.15, log=None):
+                 off_probe_gain: float = 0.15, dither_every: int = 0, log=None):
         if k_max < 1:
             raise ValueError(f"controller k_max must be >= 1, got {k_max}")
         self.k_max, self.fallback_k, self.mape_bound = k_max, fallback_k, mape_bound
@@ -144,6 +154,12 @@ class Controller:
         self._last_off_probe = -off_probe_every     # at most one in off_probe_every steps, whatever it found
         self.plan_gain = 1.0            # the last full plan's expected goodput over none drafting (greedy_plan's)
         self.off_probes = 0
+        # Dither (module docstring; off by default): 1 in dither_every drafting steps runs every drafting
+        # request one draft deeper or shallower (alternately), so the local line sees the plan's margin.
+        self.dither_every = dither_every
+        self._dither_wait = 0
+        self._dither_sign = 1
+        self.dithers = 0
         self._learn_every = 1
         self._learn_wait = 0
         self._learn_s = 0.0         # EWMA of a sampled step's learning time
@@ -225,8 +241,14 @@ class Controller:
         if off_probe:
             self.off_probes += 1
             self._last_off_probe = self._observed
-        for i in auto:
-            sched[i].k = 0 if off_probe else int(k[i])
+        shifted = None
+        if not off_probe and not self.fallback and self.dither_every > 0 and not any(fixed_k) and any(
+                k[i] for i in auto):
+            self._dither_wait += 1
+            if self._dither_wait >= self.dither_every:
+                shifted = self._dither(sched, auto, k)
+        for j, i in enumerate(auto):
+            sched[i].k = 0 if off_probe else int(k[i]) if shifted is None else shifted[j]
             self.k_chosen[sched[i].k] += 1
         decided = set(auto)
         for i, s in enumerate(sched):       # auto entries not decided here (prompt parts, no room) draft 0
@@ -244,13 +266,24 @@ class Controller:
             if self._ids_stats is not None:
                 self._ids_stats.keep_ids = not self.quiet     # per-token routing only matters while drafting
         if reuse:
-            learn = (self._observed + 1) % 8 == 0      # a kept plan's steps teach little new: 1 in 8
+            learn = (self._observed + 1) % 8 == 0 or shifted is not None   # a kept plan's steps: 1 in 8
         else:
-            learn = self._learn_due() or off_probe
+            learn = self._learn_due() or off_probe or shifted is not None
         plan_s = time.perf_counter() - t0
         self._decision = Decision(ctx, breakeven, lag, learn=learn)
         self.overhead_s += plan_s
         return plan_s
+
+    def _dither(self, sched, auto, k) -> list | None:
+        """The plan's drafts of the auto entries, every drafting one moved by one
+        (+1 and -1 in turn, within its cap); None where neither sign moves any."""
+        for sign in (self._dither_sign, -self._dither_sign):
+            moved = [min(max(k[i] + sign, 0), sched[i].k) if k[i] else 0 for i in auto]
+            if any(m != k[i] for m, i in zip(moved, auto)):
+                self._dither_sign, self._dither_wait = -sign, 0
+                self.dithers += 1
+                return moved
+        return None
 
     def _quiet_plan(self, sched, is_auto, t0: float) -> float:
         """Nothing drafted at the last full plan, nothing learned since and no
@@ -456,6 +489,7 @@ class Controller:
             "controller_cooldowns": self.cooldowns,
             "controller_probes": self.probes,
             "controller_off_probes": self.off_probes,
+            "controller_dithers": self.dithers,
             "controller_plans_kept": self.reused,
             "acceptance_curve": self.acceptance.global_curve.tolist(),
             "acceptance_by_kind": self.acceptance.kind_curves(),

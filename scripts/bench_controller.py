@@ -55,16 +55,32 @@ from make_moe_bench import build_checkpoint, build_dense_checkpoint  # noqa: E40
 KS = list(range(1, 9))
 
 
-def policies(ks):
-    return ["off", "auto"] + [f"k={k}" for k in ks]
+def policies(ks, variants=()):
+    return ["off", "auto"] + [f"auto[{v}]" for v in variants] + [f"k={k}" for k in ks]
+
+
+def variant_settings(policy: str) -> dict:
+    """The controller settings of a policy "auto[name=value,...]" ({} for "auto")."""
+    if policy == "auto":
+        return {}
+    out = {}
+    for item in policy[len("auto["):-1].split(","):
+        name, _, value = item.partition("=")
+        out[name.strip()] = float(value) if "." in value else int(value)
+    return out
 
 
 def make_engine(runner, policy, proposer_factory):
     from specmoe import Engine
     if policy == "off":
         return Engine(runner)
-    if policy == "auto":
-        return Engine(runner, proposer=proposer_factory(), speculation={"k": max(KS), "auto": True})
+    if policy.startswith("auto"):
+        eng = Engine(runner, proposer=proposer_factory(), speculation={"k": max(KS), "auto": True})
+        for name, value in variant_settings(policy).items():    # before any step: the controller's knobs
+            if not hasattr(eng.controller, name):
+                raise SystemExit(f"--auto-variant: the controller has no setting {name!r}")
+            setattr(eng.controller, name, value)
+        return eng
     return Engine(runner, proposer=proposer_factory(), speculation={"k": int(policy[2:])})
 
 
@@ -109,20 +125,20 @@ def runner_for(runner, step):
     return own_runner(runner) if step else runner
 
 
-def run_cell(runner, prompts, conts, batch, alpha, decay, ks, reps, new_tokens, seed, V, step=True):
+def run_cell(runner, prompts, conts, batch, alpha, decay, ks, reps, new_tokens, seed, V, step=True, variants=()):
     from specmoe import SamplingParams
     from specmoe.drafter import SyntheticProposer
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
 
     def factory():
         return SyntheticProposer(conts, alpha, decay, vocab_size=V, seed=seed)
-    engines = {p: make_engine(runner_for(runner, step), p, factory) for p in policies(ks)}
+    engines = {p: make_engine(runner_for(runner, step), p, factory) for p in policies(ks, variants)}
     samples = interleaved(engines, prompts, params, reps, step)
     out = {}
     for p, xs in samples.items():
         out[p] = {"tokens_per_s": statistics.median(x[0] for x in xs), "tpot_ms": statistics.median(x[1] for x in xs),
                   "mean_k": statistics.mean(x[2] for x in xs), "reps": [round(x[0], 2) for x in xs]}
-        if p == "auto":
+        if p.startswith("auto"):
             st = engines[p].stats()
             out[p]["mape"] = st["cost_model_mape"]
             out[p]["overhead"] = st["controller_overhead"]
@@ -338,6 +354,9 @@ def parse_args(argv):
                     help="step: every policy's engine holds its requests at once and they step in turn, each "
                          "timed by its own steps (the VM's drift reaches all alike); run: each policy's whole run "
                          "in turn, wall clock (the EP runner always: its workers are not copied per policy)")
+    ap.add_argument("--auto-variant", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
+                    help="also run auto with these controller settings, as policy auto[NAME=VALUE], in the same "
+                         "interleaved run (an A/B of a knob, e.g. dither_every=0); repeatable; grid cells only")
     ap.add_argument("--out", default=".cache", help="where the bench checkpoints are built or found")
     ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None)
@@ -352,6 +371,11 @@ def parse_args(argv):
     bad = [t for t in a.trace_kind.split(",") if t not in TRACES]
     if bad:
         ap.error(f"--trace-kind {bad[0]!r}: expected one of {', '.join(TRACES)}")
+    for v in a.auto_variant:
+        try:
+            variant_settings(f"auto[{v}]")
+        except ValueError:
+            ap.error(f"--auto-variant {v!r}: expected NAME=NUMBER[,NAME=NUMBER]")
     a.alpha_list = [float(x) for x in a.alpha.split(",") if x]
     a.decay_list = [float(x) for x in a.decay.split(",") if x]
     if any(not 0 <= x <= 1 for x in a.alpha_list + a.decay_list):
@@ -381,7 +405,7 @@ def main(argv=None) -> int:
     from specmoe.experts.runner import ModelRunner
     root = Path(args.out)
     builders = {"moe-bench": build_checkpoint, "dense-bench": build_dense_checkpoint}
-    rows, summary = [], []
+    rows, summary, variants = [], [], []
     max_b = max(args.batch_list)
     for model in ([] if args.real_only else args.models):
         path = builders[model](root / model, args.seed)
@@ -405,7 +429,7 @@ def main(argv=None) -> int:
                     for batch in args.batch_list:
                         for alpha in args.alpha_list:
                             res = run_cell(runner, pool[:batch], conts, batch, alpha, decay, args.ks_list,
-                                           args.reps, tokens_for(args, batch), args.seed, V, step)
+                                           args.reps, tokens_for(args, batch), args.seed, V, step, args.auto_variant)
                             for p, r in res.items():
                                 rows.append({"model": model, "ep": ep, "batch": batch, "alpha": alpha,
                                              "decay": decay, "policy": p, "tokens_per_s": r["tokens_per_s"],
@@ -417,6 +441,10 @@ def main(argv=None) -> int:
                             log(f"{model} ep={ep} decay={decay} batch={batch} alpha={alpha}: off {off:.0f}, "
                                 f"best k={bk} {best:.0f}, auto {auto:.0f} ({auto / best:.2f}x best, "
                                 f"{auto / off:.2f}x off)")
+                            for v in args.auto_variant:
+                                r = res[f"auto[{v}]"]
+                                variants.append((model, ep, decay, batch, alpha, v, auto, r["tokens_per_s"],
+                                                 best, res["auto"]["mean_k"], r["mean_k"]))
             for kind in (args.trace_kind.split(",") if args.trace or args.trace_only else []):
                 phases = [(b, a) for b, a in TRACES[kind] if b <= max_b]     # --batch's largest caps the phases
                 res, oracle, best_phase = run_trace(runner, pool, conts, phases, args.ks_list, args.reps,
@@ -450,6 +478,18 @@ def main(argv=None) -> int:
               f"cells >= 0.97x: {sum(r >= 0.97 for r in ratios_best)}/{len(ratios_best)}")
         print(f"auto / off: min {min(ratios_off):.2f}x, median {statistics.median(ratios_off):.2f}x; "
               f"cells >= 0.98x: {sum(r >= 0.98 for r in ratios_off)}/{len(ratios_off)}")
+    if variants:
+        print("\n## auto variants (the same interleaved runs)\n")
+        print("| model | ep | decay | batch | alpha | variant | auto | variant tokens/s | variant / auto | "
+              "variant / best fixed k | auto mean k | variant mean k |")
+        print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+        for m, ep, d, b, a, v, auto, tv, best, mk, mv in variants:
+            print(f"| {m} | {ep} | {d} | {b} | {a} | {v} | {auto:.0f} | {tv:.0f} | {tv / auto:.2f}x | "
+                  f"{tv / best:.2f}x | {mk:.2f} | {mv:.2f} |")
+        for v in args.auto_variant:
+            rs = [x[7] / x[8] for x in variants if x[5] == v]
+            print(f"\nauto[{v}] / best fixed k: median {statistics.median(rs):.2f}x; cells >= 0.97x: "
+                  f"{sum(r >= 0.97 for r in rs)}/{len(rs)}")
     if args.real or args.real_only:
         rows += run_real(args, log)
     if args.json:

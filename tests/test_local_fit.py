@@ -123,3 +123,52 @@ def test_off_probes_measure_the_undrafted_step_of_a_marginal_plan(runner):
     good = _controller(runner, [5e-3, 1e-4, 1e-6, 0, 0, 0], [0, 0, 0, 0, 0], acceptance=0.95)
     good.cost.refit = lambda: None
     assert _run(good, 140, 0.95) == [] and good.off_probes == 0 and good.plan_gain > 1.5
+
+
+def _simulate(ctl, truth_s, steps, acceptance=0.7, B=8, seed=5):
+    """A steady load of B requests: plan, verify at `acceptance` per position, observe truth_s(x, z);
+    returns (the plan's k per request, the k that ran) per step."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(steps):
+        s = sched_for(B, start_id=500)
+        ctl.plan(s, lambda e: True)
+        ks = [e.k for e in s]
+        planned = list(ctl._last[2]) if ctl._last is not None else ks
+        acc = []
+        for k in ks:
+            a = 0
+            while a < k and rng.random() < acceptance:
+                a += 1
+            acc.append(a)
+        x, z = ctl.cost.target_features([1 + k for k in ks], [39] * B), ctl.cost.draft_features(ks)
+        t = truth_s(x, z)
+        ctl.observe([(e.req.id, k, a, True) for e, k, a in zip(s, ks, acc)], [1 + k for k in ks], ks,
+                    target_s=t, draft_s=0.0, step_s=t, distinct=None)
+        out.append((planned, ks))
+    return out
+
+
+def test_dither_moves_every_drafting_request_by_one_in_turn(runner):
+    """1 in dither_every drafting steps runs the plan one draft deeper or
+    shallower for every drafting request (+1 and -1 alternately, within the
+    caps), and that step feeds the cost model; dither_every = 0 never moves it."""
+    truth = linear([5e-3, 1e-4, 3e-4, 0, 0, 0])
+    ctl = _controller(runner, truth, [0, 0, 0, 0, 0], acceptance=0.7)
+    ctl.dither_every, ctl.off_probe_every = 4, 0
+    runs = _simulate(ctl, lambda x, z: float(truth @ x), 64)
+    moved = [(i, [b - a for a, b in zip(p, r)]) for i, (p, r) in enumerate(runs) if p != r]
+    assert len(moved) >= 64 // 4 - 2 and ctl.dithers == len(moved)
+    signs = []
+    for i, diff in moved:
+        planned = runs[i][0]
+        assert all(d == 0 for d, k in zip(diff, planned) if k == 0)          # only drafting requests move
+        assert len({d for d, k in zip(diff, planned) if k}) == 1             # all of them alike
+        signs.append(diff[planned.index(max(planned))])
+    assert set(signs) <= {1, -1} and sum(a != b for a, b in zip(signs, signs[1:])) >= len(signs) - 3
+    assert all(0 <= k <= 8 for _, r in runs for k in r)
+    still = _controller(runner, truth, [0, 0, 0, 0, 0], acceptance=0.7)
+    still.off_probe_every = 0
+    assert still.dither_every == 0                   # the default: off
+    assert all(p == r for p, r in _simulate(still, lambda x, z: float(truth @ x), 64)) and still.dithers == 0
+
