@@ -60,7 +60,7 @@ Around the plan:
   line (router/local_fit.py) sees the price at the plan's margin where a
   steady plan's steps are all one shape. Measured, it did not pay: on
   moe-bench at batch 4 and 16, acceptance 0.6 (docs/BENCHMARKS.md "Session
-  9"), 1 in 8 read 0.95-1.05x of no dither and 1 in 4 0.93-1.00x, its noisy
+  9"), 1 in 8 read 0.97-1.05x of no dither and 1 in 4 0.95-0.99x, its noisy
   slope (one run fitted -0.2 ms a token) pushing the plan deeper as often as
   it corrected it; in simulation the refits learn the slope without it, the
   plan moving through shapes while it learns. Kept as a knob for long runs;
