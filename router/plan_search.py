@@ -16,7 +16,7 @@ def greedy_plan(ctl, sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag_a
     order of that ratio, take each whose price re-checked at the current plan
     still raises goodput. Scalar Python over at most B * k_max candidates per
     round (cheaper than array code at the sizes a step has), on arrays from
-    ctl.array_from requests."""
+    ctl.array_from requests (the uniform-depth phase too)."""
     cost, ex = ctl.cost, ctl.cost.experts
     c0, c_seq, c_tok, c_exp, c_attn, c_a2a, c_past = (float(v) for v in cost.c)
     d_any, d_seq, d_tok, d_depth, d_lag = (float(v) for v in cost.d)
@@ -141,6 +141,34 @@ def greedy_plan(ctl, sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag_a
             bj = r.argmax(axis=1)
             br = r[rows_a, bj]
             return [(float(br[j]), int(j), int(bj[j]) + 1) for j in np.nonzero(br > 0)[0]]
+        def uniform(g, factor, V, T):
+            """The uniform-depth phase below on a (depth, request) array: every min(u, cap_i) plan's
+            aggregates from the empty plan's, its price, and of those that pay, the fastest (or None)."""
+            n0, neff0, attn0, drafting0, dtok0, depth0, lag0 = agg0
+            K = np.minimum(np.arange(1, int(caps_a.max()) + 1)[:, None], caps_a[None, :])      # (depths, B)
+            on = K > 0
+            Kf = K.astype(float)
+            n_u = n0 + Kf.sum(1)
+            neff_u = neff0 + (((base_a + Kf) ** beta - base_a ** beta) * keep_a).sum(1)
+            attn_u = attn0 + ((Kf * (ctx_a + base_a) + Kf * (Kf + 1) / 2) / 1000.0).sum(1)
+            drafting_u = drafting0 + on.sum(1)
+            dtok_u = dtok0 + Kf.sum(1)
+            depth_u = np.maximum(depth0, Kf.max(1))
+            lag_u = lag0 + (on * lags_a).sum(1)
+            V_u = V0 + cum_a[rows_a[None, :], K].sum(1)
+            t = (fixed_t + c_lin * n_u + c_bend * np.minimum(n_u, knee) + exp_scale * distinct(neff_u)
+                 + c_attn * attn_u + lb * (np.clip(n_u, llo, lhi) - lm)
+                 + np.where(drafting_u > 0, d_any + d_seq * drafting_u + d_tok * dtok_u + d_depth * depth_u
+                            + d_lag * lag_u, 0.0))
+            T_u = np.maximum(t, 1e-9)
+            gain = (V_u - V) - g * np.maximum(T_u - T, 0.0) * factor
+            ok = (V_u > V) & (gain > 0) & ~(K == np.array(kk)[None, :]).all(1)
+            if not ok.any():
+                return None
+            u = int(np.argmax(np.where(ok, V_u / T_u, -np.inf)))
+            agg = (float(n_u[u]), float(neff_u[u]), float(attn_u[u]), int(drafting_u[u]), float(dtok_u[u]),
+                   float(depth_u[u]), float(lag_u[u]))
+            return (float(V_u[u] / T_u[u]), K[u].tolist(), agg, float(V_u[u]), float(T_u[u]))
     else:
         search = search_scalar
     agg0, V0, T0 = (n, neff, attn, drafting, dtok, depth, lag), V, T
@@ -170,8 +198,8 @@ def greedy_plan(ctl, sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag_a
         # plan by the same test, take the one of the highest goodput and climb on from it.
         g = max(V / T, g_ref)
         factor = plain if any(kk) else hedged
-        best = None
-        for u in range(1, max(caps) + 1):
+        best = uniform(g, factor, V, T) if len(ids) >= ctl.array_from else None
+        for u in range(1, max(caps) + 1) if len(ids) < ctl.array_from else ():
             ku = [min(u, c) for c in caps]
             if ku == kk:
                 continue
