@@ -29,6 +29,13 @@ two kinds in one batch, alternating: alpha 0.9 (copy-like) and 0.2 (free
 text), concurrency changing over time; a single fixed k then drafts as deep
 for both kinds, where a per-request k need not.
 
+`--auto-variant NAME=VALUE[,NAME=VALUE]` (repeatable) adds a policy
+"auto[NAME=VALUE]": auto with those controller settings (attributes of
+router/controller.py's Controller, e.g. margin=0.03, explore=0.0,
+dither_every=8), in the same interleaved run as everything else, so a knob's
+A/B shares the machine's drift; its figures are a table of their own and JSON
+rows of that policy (grid cells only).
+
 Output: a markdown table per section on stdout, --json (rows {"model", "ep",
 "batch", "alpha", "decay", "policy", "tokens_per_s", "tpot_ms", "mean_k"}; grid
 rows also "tokens_per_s_reps", every repetition's figure), --png (heatmap of
