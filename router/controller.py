@@ -55,15 +55,16 @@ Around the plan:
   fixed k drafts in it); its cost is bounded by that gain once in that many
   steps;
 - dither (off by default, `dither_every` = 0): 1 in `dither_every` drafting
-  steps runs every drafting request one draft deeper or shallower than the
-  plan (+1 and -1 in turn, within the caps) and is learned from, so the local
-  line (router/local_fit.py) sees the price at the plan's margin where a
-  steady plan's steps are all one shape. Measured, it did not pay: on
-  moe-bench at batch 4 and 16, acceptance 0.6 (docs/BENCHMARKS.md "Session
-  9"), 1 in 8 read 0.97-1.05x of no dither and 1 in 4 0.95-0.99x, its noisy
-  slope (one run fitted -0.2 ms a token) pushing the plan deeper as often as
-  it corrected it; in simulation the refits learn the slope without it, the
-  plan moving through shapes while it learns. Kept as a knob for long runs;
+  steps (not in fallback, not an off probe, no fixed-k request in the step)
+  runs every drafting request one draft deeper or shallower than the plan
+  (+1 and -1 in turn, within the caps; a probe keeps its one draft) and is
+  learned from, so the local line (router/local_fit.py) sees the price at
+  the plan's margin where a steady plan's steps are all one shape. Measured,
+  it did not pay: on moe-bench at batch 4 and 16, acceptance 0.6
+  (docs/BENCHMARKS.md "Session 9"), 1 in 8 read 0.97-1.05x of no dither and
+  1 in 4 0.95-0.99x, the dithered steps' times as noisy as the one-draft
+  difference they measure; in simulation the refits learn the slope without
+  it, the plan moving through shapes while it learns. A knob for long runs;
 - the decision's own time is measured (`overhead`).
 """
 
@@ -276,9 +277,11 @@ class Controller:
 
     def _dither(self, sched, auto, k) -> list | None:
         """The plan's drafts of the auto entries, every drafting one moved by one
-        (+1 and -1 in turn, within its cap); None where neither sign moves any."""
+        (+1 and -1 in turn, within its cap and k_max; a probe's one draft stays);
+        None where neither sign moves any."""
+        still = [not k[i] or (st := self._state.get(sched[i].req.id)) is not None and st.probe for i in auto]
         for sign in (self._dither_sign, -self._dither_sign):
-            moved = [min(max(k[i] + sign, 0), sched[i].k) if k[i] else 0 for i in auto]
+            moved = [k[i] if f else min(max(k[i] + sign, 0), sched[i].k, self.k_max) for f, i in zip(still, auto)]
             if any(m != k[i] for m, i in zip(moved, auto)):
                 self._dither_sign, self._dither_wait = -sign, 0
                 self.dithers += 1

@@ -73,8 +73,23 @@ def variant_settings(policy: str) -> dict:
     out = {}
     for item in policy[len("auto["):-1].split(","):
         name, _, value = item.partition("=")
-        out[name.strip()] = float(value) if "." in value else int(value)
+        try:
+            out[name.strip()] = int(value)
+        except ValueError:
+            out[name.strip()] = float(value)
     return out
+
+
+# Controller settings a variant may not change: sized or used at construction (k_max sizes the acceptance
+# estimator and the cost model; the profile runs in __init__; reuse_weight and log are consumed there).
+FIXED_AT_START = {"runner", "proposer", "k_max", "profile", "profile_budget_s", "reuse_weight", "log"}
+
+
+def variant_knobs() -> set:
+    """The Controller settings an auto variant may set."""
+    import inspect
+    from specmoe.router.controller import Controller
+    return set(inspect.signature(Controller.__init__).parameters) - FIXED_AT_START - {"self"}
 
 
 def make_engine(runner, policy, proposer_factory):
@@ -363,7 +378,7 @@ def parse_args(argv):
                          "in turn, wall clock (the EP runner always: its workers are not copied per policy)")
     ap.add_argument("--auto-variant", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
                     help="also run auto with these controller settings, as policy auto[NAME=VALUE], in the same "
-                         "interleaved run (an A/B of a knob, e.g. dither_every=0); repeatable; grid cells only")
+                         "interleaved run (an A/B of a knob, e.g. margin=0.03); repeatable; grid cells only")
     ap.add_argument("--out", default=".cache", help="where the bench checkpoints are built or found")
     ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None)
@@ -378,11 +393,18 @@ def parse_args(argv):
     bad = [t for t in a.trace_kind.split(",") if t not in TRACES]
     if bad:
         ap.error(f"--trace-kind {bad[0]!r}: expected one of {', '.join(TRACES)}")
+    knobs = variant_knobs() if a.auto_variant else set()
     for v in a.auto_variant:
         try:
-            variant_settings(f"auto[{v}]")
+            settings = variant_settings(f"auto[{v}]")
         except ValueError:
             ap.error(f"--auto-variant {v!r}: expected NAME=NUMBER[,NAME=NUMBER]")
+        bad = sorted(set(settings) - knobs)
+        if bad:
+            ap.error(f"--auto-variant {v!r}: {bad[0]!r} is not a controller setting a variant can change "
+                     f"(one of {', '.join(sorted(knobs))})")
+    if len(set(a.auto_variant)) != len(a.auto_variant):
+        ap.error("--auto-variant: the same variant given twice")
     a.alpha_list = [float(x) for x in a.alpha.split(",") if x]
     a.decay_list = [float(x) for x in a.decay.split(",") if x]
     if any(not 0 <= x <= 1 for x in a.alpha_list + a.decay_list):

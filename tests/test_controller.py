@@ -456,10 +456,12 @@ def test_expert_overlap_is_the_share_of_a_request_s_experts_others_used(runner):
 
 
 def test_array_search_plans_like_the_scalar_one(runner):
-    """From 8 requests the plan searches extensions on arrays; on random costs,
-    acceptances, caps and contexts it must choose exactly what the scalar search does."""
+    """From 8 requests the plan searches extensions (and uniform depths) on
+    arrays; on random costs, acceptances, caps and contexts, half the cases with
+    a fixed-k request in the step and a local line fitted at its size, it must
+    choose exactly what the scalar search does."""
     rng = np.random.default_rng(1)
-    for _ in range(60):
+    for case in range(60):
         B = int(rng.integers(8, 24))
         c = np.array([5e-3, 1e-3, 6e-4, 1.5e-4, 8e-4, 0, 6e-4]) * rng.uniform(0.1, 3, 7)  # bending either way
         d = rng.uniform(0, 3e-4, 5)
@@ -473,15 +475,25 @@ def test_array_search_plans_like_the_scalar_one(runner):
                 ctl.acceptance.observe(ids, [8] * B, draws)
         arr.goodput = sca.goodput = float(rng.uniform(0, 500))
         caps, ctxs = rng.integers(0, 9, B).tolist(), rng.integers(10, 120, B).tolist()
+        fixed = case % 2 == 1           # a request of fixed k = 3 beside the auto ones, and a local line
+        if fixed:
+            for ctl in (arr, sca):
+                for n in range(B + 1, 9 * (B + 1), B + 1):
+                    x = ctl.cost.target_features([n / (B + 1)] * (B + 1), [50] * (B + 1))
+                    ctl.cost.local.observe(B + 1, n, x, float(ctl.cost.c @ x) * (1.0 + 0.002 * n))
         plans = []
         for ctl in (arr, sca):
             s = [Scheduled(Request(i, i, list(range(ctxs[i] + 1)), SP(), caps[i], None, auto=True), 1, caps[i], False)
                  for i in ids]
+            if fixed:
+                s.append(Scheduled(Request(B, B, list(range(41)), SP(), 3, None, auto=False), 1, 3, False))
             for e, n in zip(s, ctxs):
                 e.req.num_cached = n
-            ctl.plan(s, lambda e: True)
+            ctl.plan(s, lambda e: e.req.auto)
             plans.append([e.k for e in s])
         assert plans[0] == plans[1]
+        if fixed:
+            assert arr.cost.local.line(B + 1, arr.cost.c) is not None and plans[0][-1] == 3
 
 
 def test_fallback_to_static_k_when_the_model_is_wrong(runner):

@@ -125,16 +125,22 @@ def test_off_probes_measure_the_undrafted_step_of_a_marginal_plan(runner):
     assert _run(good, 140, 0.95) == [] and good.off_probes == 0 and good.plan_gain > 1.5
 
 
-def _simulate(ctl, truth_s, steps, acceptance=0.7, B=8, seed=5):
-    """A steady load of B requests: plan, verify at `acceptance` per position, observe truth_s(x, z);
-    returns (the plan's k per request, the k that ran) per step."""
+
+def _simulate(ctl, truth_s, steps, acceptance=0.7, B=8, seed=5, caps=None, learned=None):
+    """A steady load of B requests (caps per request, default 8): plan, verify at `acceptance` per position,
+    observe truth_s(x, z); returns (the plan's k per request, the k that ran) per step, and appends to
+    `learned` whether each step fed the cost model."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(steps):
         s = sched_for(B, start_id=500)
+        for e, c in zip(s, caps or [8] * B):
+            e.k = c
         ctl.plan(s, lambda e: True)
         ks = [e.k for e in s]
         planned = list(ctl._last[2]) if ctl._last is not None else ks
+        if learned is not None:
+            learned.append(ctl._decision.learn)
         acc = []
         for k in ks:
             a = 0
@@ -152,23 +158,32 @@ def _simulate(ctl, truth_s, steps, acceptance=0.7, B=8, seed=5):
 def test_dither_moves_every_drafting_request_by_one_in_turn(runner):
     """1 in dither_every drafting steps runs the plan one draft deeper or
     shallower for every drafting request (+1 and -1 alternately, within the
-    caps), and that step feeds the cost model; dither_every = 0 never moves it."""
+    caps: a request capped at its planned depth only goes down), a cooled-down
+    request stays at 0, and that step feeds the cost model; dither_every = 0
+    (the default) never moves the plan."""
     truth = linear([5e-3, 1e-4, 3e-4, 0, 0, 0])
     ctl = _controller(runner, truth, [0, 0, 0, 0, 0], acceptance=0.7)
     ctl.dither_every, ctl.off_probe_every = 4, 0
-    runs = _simulate(ctl, lambda x, z: float(truth @ x), 64)
-    moved = [(i, [b - a for a, b in zip(p, r)]) for i, (p, r) in enumerate(runs) if p != r]
-    assert len(moved) >= 64 // 4 - 2 and ctl.dithers == len(moved)
+    ctl._new_state(507).cooldown = 10 ** 6                   # request 7: cooled down all along (plans 0)
+    caps = [8] * 6 + [2, 8]                                  # request 6: capped at about the plan's depth
+    learned = []
+    runs = _simulate(ctl, lambda x, z: float(truth @ x), 64, caps=caps, learned=learned)
+    moved = [i for i, (p, r) in enumerate(runs) if p != r]
+    assert 64 // 4 - 2 <= len(moved) <= 64 // 4 + 1 and ctl.dithers == len(moved)
+    assert min(b - a for a, b in zip(moved, moved[1:])) == 4                 # 1 in 4, no closer
+    assert all(learned[i] for i in moved)
     signs = []
-    for i, diff in moved:
-        planned = runs[i][0]
-        assert all(d == 0 for d, k in zip(diff, planned) if k == 0)          # only drafting requests move
-        assert len({d for d, k in zip(diff, planned) if k}) == 1             # all of them alike
-        signs.append(diff[planned.index(max(planned))])
-    assert set(signs) <= {1, -1} and sum(a != b for a, b in zip(signs, signs[1:])) >= len(signs) - 3
-    assert all(0 <= k <= 8 for _, r in runs for k in r)
+    for i in moved:
+        planned, ran = runs[i]
+        diff = [b - a for a, b in zip(planned, ran)]
+        assert planned[7] == 0 and diff[7] == 0                          # only drafting requests move
+        assert len({d for d, k in zip(diff[:6], planned) if k}) == 1     # all of them alike
+        sign = diff[0]
+        assert ran[6] == (min(planned[6] + 1, 2) if sign > 0 else planned[6] - 1)
+        signs.append(sign)
+    assert set(signs) == {1, -1} and sum(a != b for a, b in zip(signs, signs[1:])) >= len(signs) - 3
+    assert any(runs[i][0][6] == 2 and runs[i][1][6] == 2 for i in moved)   # a +1 the cap held
     still = _controller(runner, truth, [0, 0, 0, 0, 0], acceptance=0.7)
     still.off_probe_every = 0
     assert still.dither_every == 0                   # the default: off
     assert all(p == r for p, r in _simulate(still, lambda x, z: float(truth @ x), 64)) and still.dithers == 0
-
