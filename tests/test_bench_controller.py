@@ -1,0 +1,42 @@
+"""scripts/bench_controller.py's auto variants: a controller knob's A/B as a
+policy of its own in the same interleaved run."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from bench_controller import make_engine, parse_args, policies, variant_settings  # noqa: E402
+
+from specmoe.drafter import SyntheticProposer  # noqa: E402
+from specmoe.experts.checkpoint import bundled_model  # noqa: E402
+from specmoe.experts.runner import ModelRunner  # noqa: E402
+
+
+def test_variant_policies_parse_to_controller_settings():
+    assert policies([1, 3], ["margin=0.03"]) == ["off", "auto", "auto[margin=0.03]", "k=1", "k=3"]
+    assert variant_settings("auto") == {}
+    assert variant_settings("auto[margin=0.03,dither_every=8]") == {"margin": 0.03, "dither_every": 8}
+    assert variant_settings("auto[learn_budget=1e-3]") == {"learn_budget": 1e-3}
+    assert parse_args(["--auto-variant", "explore=0.0", "--auto-variant", "margin=0.03"]).auto_variant == [
+        "explore=0.0", "margin=0.03"]
+    # malformed, not a setting, fixed at construction (k_max sizes the estimator), given twice
+    for bad in (["margin"], ["margin=fast"], ["marjin=0.1"], ["k_max=4"], ["margin=0.1", "margin=0.1"]):
+        with pytest.raises(SystemExit):
+            parse_args([x for v in bad for x in ("--auto-variant", v)])
+
+
+def test_a_variant_engine_is_auto_with_its_settings():
+    runner = ModelRunner.from_pretrained(bundled_model("tiny-moe"), max_seqs=2, max_seq_len=64)
+    V = runner.config.vocab_size
+
+    def factory():
+        return SyntheticProposer({}, 0.5, vocab_size=V)
+    eng = make_engine(runner, "auto[margin=0.05,dither_every=4]", factory)
+    plain = make_engine(runner, "auto", factory)
+    assert (eng.controller.margin, eng.controller.dither_every) == (0.05, 4)
+    assert (plain.controller.margin, plain.controller.dither_every) == (0.01, 0)
+    assert plain.speculation.auto and eng.speculation.auto
+    for e in (eng, plain):
+        e.close()
