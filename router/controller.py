@@ -64,7 +64,8 @@ Around the plan:
   (docs/BENCHMARKS.md "Session 9"), 1 in 8 read 0.97-1.05x of no dither and
   1 in 4 0.95-0.99x, the dithered steps' times as noisy as the one-draft
   difference they measure; in simulation the refits learn the slope without
-  it, the plan moving through shapes while it learns. A knob for long runs;
+  it, the plan moving through shapes while it learns (tests/test_local_fit.py).
+  A knob for long runs;
 - the decision's own time is measured (`overhead`).
 """
 

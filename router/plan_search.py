@@ -63,6 +63,13 @@ def greedy_plan(ctl, sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag_a
             t += d_any + d_seq * drafting_ + d_tok * dtok_ + d_depth * depth_ + d_lag * lag_
         return t
 
+    def price_a(n_, neff_, attn_, drafting_, dtok_, depth_, lag_):
+        """price over arrays of plans (the array searches; broadcast alike)."""
+        t = (fixed_t + c_lin * n_ + c_bend * np.minimum(n_, knee) + exp_scale * distinct(neff_) + c_attn * attn_
+             + lb * (np.clip(n_, llo, lhi) - lm))
+        return t + np.where(drafting_ > 0, d_any + d_seq * drafting_ + d_tok * dtok_ + d_depth * depth_
+                            + d_lag * lag_, 0.0)
+
     T = max(price(n, neff, attn, drafting, dtok, depth, lag), 1e-9)
     V = float(sampling)
     kk = [0] * len(ids)
@@ -128,11 +135,8 @@ def greedy_plan(ctl, sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag_a
             neff_ = neff + ((b[:, None] + dk) ** beta - (b ** beta)[:, None]) * keep_a[:, None]
             attn_ = attn + (dk * (ctx_a + b)[:, None] + dk * (dk + 1) / 2) / 1000.0
             first = kk_a == 0
-            # every candidate drafts, so the drafter's terms always apply
-            t = (fixed_t + c_lin * (n + dk) + c_bend * np.minimum(n + dk, knee) + exp_scale * distinct(neff_)
-                 + c_attn * attn_ + lb * (np.clip(n + dk, llo, lhi) - lm)
-                 + d_any + d_seq * (drafting + first)[:, None] + d_tok * (dtok + dk)
-                 + d_depth * np.maximum(depth, KP)[None, :] + d_lag * (lag + lags_a * first)[:, None])
+            t = price_a(n + dk, neff_, attn_, (drafting + first)[:, None], dtok + dk, np.maximum(depth, KP)[None, :],
+                        (lag + lags_a * first)[:, None])
             dT = t - T
             dv = cum_a[:, 1:] - cum_a[rows_a, kk_a][:, None]
             margin_a = np.where(first, hedged, plain)[:, None]
@@ -156,11 +160,7 @@ def greedy_plan(ctl, sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag_a
             depth_u = np.maximum(depth0, Kf.max(1))
             lag_u = lag0 + (on * lags_a).sum(1)
             V_u = V0 + cum_a[rows_a[None, :], K].sum(1)
-            t = (fixed_t + c_lin * n_u + c_bend * np.minimum(n_u, knee) + exp_scale * distinct(neff_u)
-                 + c_attn * attn_u + lb * (np.clip(n_u, llo, lhi) - lm)
-                 + np.where(drafting_u > 0, d_any + d_seq * drafting_u + d_tok * dtok_u + d_depth * depth_u
-                            + d_lag * lag_u, 0.0))
-            T_u = np.maximum(t, 1e-9)
+            T_u = np.maximum(price_a(n_u, neff_u, attn_u, drafting_u, dtok_u, depth_u, lag_u), 1e-9)
             gain = (V_u - V) - g * np.maximum(T_u - T, 0.0) * factor
             ok = (V_u > V) & (gain > 0) & ~(K == np.array(kk)[None, :]).all(1)
             if not ok.any():

@@ -187,3 +187,23 @@ def test_dither_moves_every_drafting_request_by_one_in_turn(runner):
     still.off_probe_every = 0
     assert still.dither_every == 0                   # the default: off
     assert all(p == r for p, r in _simulate(still, lambda x, z: float(truth @ x), 64)) and still.dithers == 0
+
+
+def test_refits_learn_a_mispriced_token_without_dithering(runner):
+    """Why the dither stays off: the model prices a verified token at 0.1 ms
+    where it costs 0.4 ms, and on a steady load without dithering the refits
+    still learn the price of one more draft per request (the plan moves
+    through shapes while it learns), so the plan ends shallower than it began."""
+    model = linear([5e-3, 1e-4, 1e-4, 0, 0, 0])
+    truth = linear([5e-3, 1e-4, 4e-4, 0, 0, 0])
+    B = 8
+    ctl = _controller(runner, model, [0, 0, 0, 0, 0], acceptance=0.8)
+    assert ctl.dither_every == 0
+    runs = _simulate(ctl, lambda x, z: float(truth @ x), 200, acceptance=0.8, B=B)
+    cm = ctl.cost
+    u = max(int(np.median(runs[-1][0])), 1)
+    x0, x1 = cm.target_features([u] * B, [39] * B), cm.target_features([u + 1] * B, [39] * B)
+    z0, z1 = cm.draft_features([u - 1] * B), cm.draft_features([u] * B)
+    learned = cm.predict(x1, z1) - cm.predict(x0, z0)
+    assert abs(learned / (4e-4 * B) - 1) < 0.15, learned
+    assert np.mean([np.mean(p) for p, _ in runs[-50:]]) < np.mean(runs[0][0]) - 1
