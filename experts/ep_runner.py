@@ -36,7 +36,7 @@ from .checkpoint import DTYPES, read_checkpoint
 from .ep_channel import ChannelError, RouterChannel
 from .ep_worker import ChunkMsg, EPWorker, StepPlan, StepResult
 from .placement import balanced, contiguous
-from .runner import StepOutput, check_full, rows_per_chunk
+from .runner import StepOutput, check_full, check_sample, rows_per_chunk
 from .stats import RoutingSnapshot
 
 log = logging.getLogger(__name__)
@@ -406,9 +406,12 @@ class EPRunner:
 
     def run(self, chunks: list[Chunk], all_logits: bool = False, routing: bool = False,
             num_logits: list[int] | None = None, cache: EPSlots | None = None,
-            layer_ids: list[int] | None = None, full: list[bool] | None = None) -> StepOutput:
+            layer_ids: list[int] | None = None, full: list[bool] | None = None,
+            sample: list | None = None) -> StepOutput:
         """ModelRunner.run over the workers: same arguments, same logits rows
-        (and with `full`, the same argmax; only the full chunks' rows travel)."""
+        (and with `full`, the same argmax; only the full chunks' rows travel;
+        with `sample`, each such chunk's verification runs on its worker and
+        only (accepted, next token) comes back)."""
         t0 = time.perf_counter()
         cache = cache or self.cache
         if self._caches.get(cache.id) is not cache:
@@ -431,10 +434,15 @@ class EPRunner:
                     raise ValueError(f"num_logits {n} outside 1..{len(c.tokens)} for a chunk of {len(c.tokens)}")
         check_full(full, len(chunks))
         rows = rows_per_chunk(chunks, num_logits, all_logits)
+        if sample is not None:
+            full = full if full is not None else [False] * len(chunks)
+            check_sample(sample, full, rows)
+            if not any(x is not None for x in sample):
+                sample = None
         spans, num_rows, every, num_all = self._layout(chunks, rows, full)
         self._step += 1
         plan = _encode.encode(StepPlan(self._step, [ChunkMsg(c.slot, c.start, c.tokens) for c in chunks],
-                                       num_logits, all_logits, cache.id, layer_ids, routing, full))
+                                       num_logits, all_logits, cache.id, layer_ids, routing, full, sample))
         t1 = time.perf_counter()
         if self._error:
             raise EPWorkerError(self._error)
@@ -460,7 +468,8 @@ class EPRunner:
             argmax = self._argmax(res, every, num_all)
         if self._remote_device:
             logits = logits.to(self.model.device)      # the argmax stays on the host: it is read there
-        out = StepOutput(logits=logits, routing=self._routing(res) if routing else None, argmax=argmax)
+        out = StepOutput(logits=logits, routing=self._routing(res) if routing else None, argmax=argmax,
+                         sampled=None if sample is None else self._sampled(res, chunks, sample))
         t4 = time.perf_counter()
         out.extra.update(self._measurements(res, t4 - t0, (t1 - t0) + (t4 - t2), t2 - t1))
         return out
@@ -518,6 +527,19 @@ class EPRunner:
                 out[row:row + n] = vals[at:at + n]
                 at += n
         return torch.frombuffer(array("q", out), dtype=torch.long)     # ~2 us, torch.tensor(list) ~7 us
+
+    def _sampled(self, res: list[StepResult], chunks, sample) -> list[tuple[int, int]]:
+        """(accepted, next token) of every chunk with a sample spec, in chunk
+        order, from each rank's flat pairs (its such chunks in plan order)."""
+        W, at = self.W, [0] * self.W
+        vals = [r.sampled for r in res]             # rank order
+        out = []
+        for c, spec in zip(chunks, sample):
+            if spec is not None:
+                r = c.slot % W
+                out.append((vals[r][at[r]], vals[r][at[r] + 1]))
+                at[r] += 2
+        return out
 
     def _routing(self, res: list[StepResult]) -> RoutingSnapshot:
         """Global tokens per expert: each expert's rows were counted by its owner."""

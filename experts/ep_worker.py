@@ -7,7 +7,9 @@ Ownership at each stage of a step: the router (experts/ep_runner.py) owns
 sequences and slots and sends every worker the same `StepPlan`; each worker
 picks the chunks of its own slots, runs attention for them, and joins every
 MoE layer's all-to-all (with zero tokens if it has none); it answers with a
-`StepResult` holding the logits of its rows and what it measured.
+`StepResult` holding the logits of its rows (or, for sampled requests with
+one-hot drafts, the verification's outcome: the plan carries their uniforms)
+and what it measured.
 
 Messages are msgspec structs (plan in, result out); tensors travel only over
 torch.distributed inside the MoE layers, and, with the socket control plane
@@ -25,6 +27,7 @@ from datetime import timedelta
 import msgspec
 import torch
 
+from ..kernels.verify import SampleSpec
 from .batch import Chunk
 from .placement import Placement
 
@@ -45,6 +48,7 @@ class StepPlan(msgspec.Struct, frozen=True):
     layer_ids: list[int] | None = None      # a subset of layers (self-speculative drafting)
     routing: bool = False                   # send tokens-per-expert back
     full: list[bool] | None = None          # per chunk: logits rows in full, or only their argmax
+    sample: list[SampleSpec | None] | None = None   # per chunk: verify its one-hot drafts here (sampling)
 
 
 class StepResult(msgspec.Struct, frozen=True):
@@ -61,6 +65,8 @@ class StepResult(msgspec.Struct, frozen=True):
     expert_s: list[float]                   # per MoE layer: grouped expert compute seconds
     tokens_per_expert: list[list[int]] = []   # (layers, E_local) rows each local expert computed
     argmax: bytearray = bytearray()         # with plan.full: every row's argmax, int32, chunks in plan order
+    sampled: list[int] = []                 # with plan.sample: accepted, next token of each such chunk of
+                                            # this rank, flat, in plan order
 
 
 _decode_plan = msgspec.msgpack.Decoder(StepPlan)
@@ -178,13 +184,17 @@ class EPWorker:
         cache = self.caches[plan.cache]
         self.model.routing_stats.reset()
         argmax = bytearray()
+        sampled = []
         if chunks:
+            sample = None if plan.sample is None else [plan.sample[i] for i in mine]
             out = self.runner.run(chunks, all_logits=plan.all_logits, cache=cache, layer_ids=plan.layer_ids,
                                   num_logits=None if plan.num_logits is None else [plan.num_logits[i] for i in mine],
-                                  full=None if plan.full is None else [plan.full[i] for i in mine])
+                                  full=None if plan.full is None else [plan.full[i] for i in mine], sample=sample)
             logits = out.logits.float().cpu().contiguous()
             if out.argmax is not None:
                 argmax = bytearray(out.argmax.to(torch.int32).cpu().numpy())
+            if out.sampled:
+                sampled = [v for pair in out.sampled for v in pair]
         else:
             self._idle(plan.layer_ids)
             logits = torch.empty(0, self.model.config.vocab_size)
@@ -198,7 +208,7 @@ class EPWorker:
                          a2a_s=[x.a2a_s for x in log], a2a_sync_s=[x.sync_s for x in log],
                          a2a_bytes_out=[x.bytes_out for x in log],
                          a2a_bytes_in=[x.bytes_in for x in log], expert_s=[x.expert_s for x in log],
-                         tokens_per_expert=tpe, argmax=argmax)
+                         tokens_per_expert=tpe, argmax=argmax, sampled=sampled)
         return res, logits
 
     @torch.inference_mode()

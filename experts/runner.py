@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels.sampling import greedy
+from ..kernels.sampling import greedy, probs_from_logits
+from ..kernels.verify import SampleSpec, verify_sampling_u
 from .batch import BatchMeta, Chunk
 from .cache import KVCache
 from .checkpoint import Checkpoint, load_model
@@ -23,6 +24,7 @@ class StepOutput:
     routing: RoutingSnapshot | None
     extra: dict = field(default_factory=dict)   # runner-specific measurements (EP: all-to-all time, bytes)
     argmax: torch.Tensor | None = None          # (rows,) int64, every row's argmax; only with `full` (EP: host)
+    sampled: list[tuple[int, int]] | None = None  # with `sample`: (accepted, next token) per chunk with a spec
 
 
 def rows_per_chunk(chunks: list[Chunk], num_logits: list[int] | None, all_logits: bool) -> list[int]:
@@ -36,6 +38,37 @@ def rows_per_chunk(chunks: list[Chunk], num_logits: list[int] | None, all_logits
 def check_full(full: list[bool] | None, num_chunks: int) -> None:
     if full is not None and len(full) != num_chunks:
         raise ValueError(f"full has {len(full)} entries for {num_chunks} chunks")
+
+
+def check_sample(sample: list[SampleSpec | None] | None, full: list[bool] | None, rows: list[int]) -> None:
+    """`sample` (one entry per chunk) asks for a verification where the rows
+    are; such a chunk's rows are not wanted in full, and its spec carries one
+    uniform per row."""
+    if sample is None:
+        return
+    if len(sample) != len(rows):
+        raise ValueError(f"sample has {len(sample)} entries for {len(rows)} chunks")
+    for i, (spec, n) in enumerate(zip(sample, rows)):
+        if spec is None:
+            continue
+        if full is None or full[i]:
+            raise ValueError(f"chunk {i} has a sample spec, so its full flag must be False")
+        if len(spec.u) != n:
+            raise ValueError(f"chunk {i}: {len(spec.u)} uniforms for {n} logits rows, expected one per row")
+
+
+def verify_chunks(logits: torch.Tensor, sample: list[SampleSpec | None], chunks: list[Chunk],
+                  rows: list[int]) -> list[tuple[int, int]]:
+    """(accepted, next token) of every chunk with a spec, in chunk order: its
+    rows (n of them, in `logits`' chunk order) verify its last n - 1 tokens as
+    one-hot drafts (kernels/verify.py)."""
+    out, at = [], 0
+    for spec, c, n in zip(sample, chunks, rows):
+        if spec is not None:
+            probs = probs_from_logits(logits[at:at + n], spec.temperature, spec.top_k, spec.top_p)
+            out.append(verify_sampling_u(probs, c.tokens[len(c.tokens) - n + 1:], None, spec.u))
+        at += n
+    return out
 
 
 def full_rows(full: list[bool], rows: list[int]) -> list[int]:
@@ -68,7 +101,8 @@ class ModelRunner:
 
     def run(self, chunks: list[Chunk], all_logits: bool = False, routing: bool = False,
             num_logits: list[int] | None = None, cache: KVCache | None = None,
-            layer_ids: list[int] | None = None, full: list[bool] | None = None) -> StepOutput:
+            layer_ids: list[int] | None = None, full: list[bool] | None = None,
+            sample: list[SampleSpec | None] | None = None) -> StepOutput:
         """Append each chunk to its slot and return logits, in chunk order: for
         every new token (all_logits), for the last num_logits[i] tokens of chunk
         i, or for each chunk's last token. `cache` and `layer_ids` run a subset
@@ -78,9 +112,17 @@ class ModelRunner:
         sampled request); the others need only their argmax (greedy). With it,
         `argmax` holds every row's argmax and `logits` only the full chunks'
         rows, in chunk order: under expert parallelism the greedy rows then
-        cross the control plane as 4 bytes instead of 4 V."""
+        cross the control plane as 4 bytes instead of 4 V.
+
+        `sample` (one entry per chunk, with `full`) verifies a sampled chunk
+        of one-hot drafts here, on the uniforms its spec carries: `sampled`
+        holds (accepted, next token) per chunk with a spec, and its rows stay
+        here (under expert parallelism: on the worker)."""
         cache = cache or self.cache
         check_full(full, len(chunks))
+        if sample is not None:
+            full = full if full is not None else [False] * len(chunks)
+            check_sample(sample, full, rows_per_chunk(chunks, num_logits, all_logits))
         for c in chunks:
             if not 0 <= c.slot < cache.num_slots:
                 raise ValueError(f"chunk slot {c.slot} outside 0..{cache.num_slots - 1}")
@@ -102,7 +144,9 @@ class ModelRunner:
         elif not all_logits:
             hidden = hidden.index_select(0, meta.last_index)
         logits = self.model.logits(hidden)
-        argmax = None
+        argmax = sampled = None
+        if sample is not None and any(x is not None for x in sample):
+            sampled = verify_chunks(logits, sample, chunks, rows_per_chunk(chunks, num_logits, all_logits))
         if full is not None:
             argmax = greedy(logits)
             if not any(full):
@@ -111,4 +155,4 @@ class ModelRunner:
                 keep = full_rows(full, rows_per_chunk(chunks, num_logits, all_logits))
                 logits = logits.index_select(0, torch.tensor(keep, dtype=torch.long, device=device))
         return StepOutput(logits=logits, routing=self.model.routing_stats.snapshot() if routing else None,
-                          argmax=argmax)
+                          argmax=argmax, sampled=sampled)

@@ -26,7 +26,7 @@ from ..experts.batch import Chunk
 from ..experts.checkpoint import bundled_model
 from ..experts.runner import ModelRunner
 from ..kernels.sampling import probs_from_logits
-from ..kernels.verify import accept_greedy, verify_sampling
+from ..kernels.verify import SampleSpec, accept_greedy, draw_uniforms, verify_sampling_u
 from .controller import Controller
 from .params import SamplingParams, SpeculationConfig, parse_speculation
 from .request import Completion, CompletionStats, Request, StreamChunk
@@ -365,29 +365,46 @@ class Engine:
             r = s.req
             chunks.append(Chunk(r.slot, r.num_cached, r.tokens[r.num_cached:r.num_cached + s.num_new] + d))
             rows.append(1 if s.partial else len(d) + 1)
-        # Sampled requests need their logits rows; greedy ones (and a prompt's
-        # unfinished parts) only the argmax, which is all that crosses the EP
-        # control plane for them. One host transfer of the argmax per step.
-        full = [s.req.params.temperature > 0 and not s.partial for s in plan]
-        out = self.runner.run(chunks, num_logits=rows, routing=True, full=full)
+        # A greedy request (or a prompt's unfinished part) needs only its rows' argmax, which is all that
+        # crosses the EP control plane for it; one host transfer of the argmax per step. A sampled one draws
+        # its verification's uniforms now and, where its drafts are one-hot (n-gram, synthetic, none), is
+        # verified where its rows are (`sample`: on its EP worker) and only the outcome comes back; one whose
+        # drafter gave probabilities (a draft model, layer skip) brings its rows in full and is verified here.
+        full, sample, uniforms = [], [], []
+        for s, d in zip(plan, drafts):
+            p = s.req.params
+            if p.temperature > 0 and not s.partial:
+                u = draw_uniforms(len(d), s.req.generator)
+                prop = proposals.get(s.req.id)
+                onehot = not d or prop is None or prop.probs is None
+                full.append(not onehot)
+                sample.append(SampleSpec(p.temperature, p.top_k, p.top_p, u) if onehot else None)
+                uniforms.append(u)
+            else:
+                full.append(False)
+                sample.append(None)
+                uniforms.append(None)
+        out = self.runner.run(chunks, num_logits=rows, routing=True, full=full,
+                              sample=sample if any(x is not None for x in sample) else None)
         logits = out.logits
-        best = out.argmax.tolist() if not all(full) else []
+        best = out.argmax.tolist()
+        sampled = iter(out.sampled or ())
         t3 = time.perf_counter()
         report = StepReport(num_requests=len(plan), num_tokens=sum(len(c.tokens) for c in chunks))
         events, results, at, full_at = [], [], 0, 0
-        for s, n, d, f in zip(plan, rows, drafts, full):
+        for s, n, d, f, spec, u in zip(plan, rows, drafts, full, sample, uniforms):
             r = s.req
             ids, at = best[at:at + n], at + n
             if s.partial:
                 r.num_cached += s.num_new
                 continue
-            prop = proposals.get(r.id)
-            if f:
+            if spec is not None:
+                accepted, nxt = next(sampled)
+            elif f:
                 p = r.params
                 block, full_at = logits[full_at:full_at + n], full_at + n
                 probs = probs_from_logits(block, p.temperature, p.top_k, p.top_p)
-                q = prop.probs[:len(d)] if prop is not None and prop.probs is not None else None
-                accepted, nxt = verify_sampling(probs, d, q, r.generator)
+                accepted, nxt = verify_sampling_u(probs, d, proposals[r.id].probs[:len(d)], u)
             else:
                 accepted, nxt = accept_greedy(ids, d)
             r.num_cached += s.num_new + accepted

@@ -4,7 +4,7 @@ graph), and the all-to-all through plain torch.distributed vs deepspeed.comm.
 
     .venv/bin/python scripts/bench_ep.py [--model DIR] [--ep 1,2,4] [--batch 1,4,16,64]
         [--steps 20] [--prompt-len 32] [--control socket,actor,compiled] [--comm torch,deepspeed]
-        [--cpus-per-worker 0.5] [--rows argmax,full] [--json PATH]
+        [--cpus-per-worker 0.5] [--rows argmax,full,sampled] [--json PATH]
 
 --model defaults to moe-bench (scripts/make_moe_bench.py; built into
 .cache/moe-bench when missing). Every configuration (EP degree x control x
@@ -16,9 +16,16 @@ step i + 1 of any, so machine noise hits all alike. Each step feeds one random
 token per sequence through runner.run as the engine calls it, once per
 --rows mode (each on its own slots): "argmax" as for greedy requests (only
 each row's argmax comes back from the workers, 4 bytes), "full" as for
-sampled ones (the whole logits row, 4 V bytes), and reads:
+sampled ones verified on the router (the whole logits row, 4 V bytes, then
+the router's probabilities and verification, as the engine does for a draft
+model's drafts), "sampled" as for sampled ones with one-hot or no drafts
+(verified on their workers on uniforms the plan carries; (accepted, token)
+comes back), and reads:
 
 - step: the router's wall time of run();
+- verify: the router's own sampling work around it: for "full", the
+  probabilities and the verification of every row; for "sampled", drawing the
+  uniforms from each sequence's generator (temperature 0.8, top-p 0.95);
 - control plane: step minus the slowest worker's own time (plan encode/send,
   results back and decode, logits assembly), and the router's own share of it
   (encode, decode, assembly, measurements; the rest is Ray transport);
@@ -56,10 +63,13 @@ def med(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+TEMPERATURE, TOP_P = 0.8, 0.95
+
+
 class Config:
-    def __init__(self, name, runner, embedded=False, full_rows=True):
+    def __init__(self, name, runner, embedded=False, mode="full"):
         self.name, self.runner, self.embedded = name, runner, embedded
-        self.full_rows = full_rows  # the engine's full= flag for every sequence (sampled: True, greedy: False)
+        self.mode = mode            # argmax (greedy), full (sampled, verified here), sampled (on the workers)
         self.rows = {}         # batch -> list of per-step dicts
 
     def prefill(self, prompts):
@@ -68,6 +78,7 @@ class Config:
         for s, p in zip(self.slots, prompts):
             self.runner.run([Chunk(s, 0, p)])
         self.pos = len(prompts[0])
+        self.gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
 
     def release(self):
         for s in self.slots:
@@ -75,12 +86,21 @@ class Config:
 
     def step(self, tokens, B):
         from specmoe.experts.batch import Chunk
+        from specmoe.kernels.sampling import probs_from_logits
+        from specmoe.kernels.verify import SampleSpec, draw_uniforms, verify_sampling_u
         chunks = [Chunk(s, self.pos, [t]) for s, t in zip(self.slots, tokens)]
+        sample, v0 = None, time.perf_counter()
+        if self.mode == "sampled":
+            sample = [SampleSpec(TEMPERATURE, 0, TOP_P, draw_uniforms(0, g)) for g in self.gens]
         t0 = time.perf_counter()
-        out = self.runner.run(chunks, routing=True, full=[self.full_rows] * B)
+        out = self.runner.run(chunks, routing=True, full=[self.mode == "full"] * B, sample=sample)
         dt = time.perf_counter() - t0
+        if self.mode == "full":
+            for i, g in enumerate(self.gens):
+                verify_sampling_u(probs_from_logits(out.logits[i:i + 1], TEMPERATURE, 0, TOP_P), [], None,
+                                  draw_uniforms(0, g))
         self.pos += 1
-        row = {"step_s": dt}
+        row = {"step_s": dt, "verify_s": time.perf_counter() - v0 - dt}
         x = out.extra
         if x:
             r = max(range(x["ep"]), key=lambda i: x["worker_s"][i])      # the slowest rank: the critical path
@@ -105,15 +125,16 @@ def main():
     ap.add_argument("--comm", default="torch,deepspeed")
     ap.add_argument("--cpus-per-worker", type=float, default=0.5)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--rows", default="argmax,full", help="logits rows back per sequence: argmax (greedy), full")
+    ap.add_argument("--rows", default="argmax,full,sampled",
+                    help="per sequence: argmax (greedy), full (sampled, rows back), sampled (verified on the workers)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
     eps = [int(x) for x in a.ep.split(",")]
     batches = [int(x) for x in a.batch.split(",")]
     controls, comms, modes = a.control.split(","), a.comm.split(","), a.rows.split(",")
-    if not modes or set(modes) - {"argmax", "full"}:
-        ap.error(f"--rows {a.rows!r}: expected a list of argmax, full")
+    if not modes or set(modes) - {"argmax", "full", "sampled"}:
+        ap.error(f"--rows {a.rows!r}: expected a list of argmax, full, sampled")
     if "deepspeed" in comms:
         try:
             import deepspeed  # noqa: F401
@@ -141,13 +162,13 @@ def main():
     ray.init(address="local", num_cpus=int(workers * a.cpus_per_worker) + 2,
              include_dashboard=False, logging_level="ERROR")
     emb = ModelRunner.from_pretrained(model, device=a.device, max_seqs=max_seqs, max_seq_len=max_len)
-    configs = [Config(f"embedded {m}", emb, embedded=True, full_rows=m == "full") for m in modes]
+    configs = [Config(f"embedded {m}", emb, embedded=True, mode=m) for m in modes]
     try:
         for ep, control, comm in setups:
             r = EPRunner.from_pretrained(model, ep=ep, device=a.device, max_seqs=max_seqs, max_seq_len=max_len,
                                          num_cpus_per_worker=a.cpus_per_worker, control=control, comm=comm)
             name = f"EP={ep} {control}" + (f" {comm}" if comm != "torch" else "")
-            configs += [Config(f"{name} {m}", r, full_rows=m == "full") for m in modes]
+            configs += [Config(f"{name} {m}", r, mode=m) for m in modes]
         V = configs[0].runner.config.vocab_size
         g = torch.Generator().manual_seed(0)
         for B in batches:
@@ -184,9 +205,9 @@ def fmt(xs):
 def report(configs, batches):
     print("\nmedian ms per decode step (slowest rank's breakdown); a2a KiB = all-to-all bytes over all ranks")
     print(f"{'config':<30}{'B':>4}{'step':>9}{'ctrl':>8}{'a2a':>8}{'(wait)':>8}{'experts':>9}{'attn+dense':>11}"
-          f"{'a2a KiB':>9}{'distinct':>9}{'x embedded':>11}")
+          f"{'a2a KiB':>9}{'distinct':>9}{'x embedded':>11}{'verify':>9}")
     for B in batches:
-        base = {c.full_rows: med([r["step_s"] for r in c.rows[B]]) for c in configs if c.embedded}
+        base = {c.mode: med([r["step_s"] for r in c.rows[B]]) for c in configs if c.embedded}
         for c in configs:
             rows = c.rows[B]
             f = {k: med([r[k] for r in rows]) for k in rows[0]}
@@ -195,7 +216,7 @@ def report(configs, batches):
             dist = f"{f['distinct']:.1f}" if "distinct" in f else "-"
             print(f"{c.name:<30}{B:>4}{ms('step_s'):>9}{ms('control_s'):>8}{ms('a2a_s'):>8}{ms('sync_s'):>8}"
                   f"{ms('expert_s'):>9}"
-                  f"{ms('attn_dense_s'):>11}{kib:>9}{dist:>9}{f['step_s'] / base[c.full_rows]:>11.2f}")
+                  f"{ms('attn_dense_s'):>11}{kib:>9}{dist:>9}{f['step_s'] / base[c.mode]:>11.2f}{ms('verify_s'):>9}")
     print("\ncontrol plane per step, ms: median (p90) over all batches, then per batch (goal <= 1 ms median):")
     for c in configs:
         if c.embedded:
@@ -205,6 +226,12 @@ def report(configs, batches):
         per_b = ", ".join(f"B={B} {fmt([r['control_s'] for r in c.rows[B]])}" for B in batches)
         print(f"  {c.name:<24}{fmt(cp)}; router's own work {1e3 * med(own):.3f}, "
               f"transport {1e3 * med([x - y for x, y in zip(cp, own)]):.3f}; {per_b}")
+    print("\ncontrol plane + the router's sampling work (verify), per step, ms: median (p90) per batch:")
+    for c in configs:
+        if c.embedded or c.mode == "argmax":
+            continue
+        print(f"  {c.name:<24}" + ", ".join(
+            f"B={B} {fmt([r['control_s'] + r['verify_s'] for r in c.rows[B]])}" for B in batches))
     ds = [c for c in configs if " deepspeed " in c.name]
     for d in ds:
         ref = next(c for c in configs if c.name == d.name.replace(" deepspeed", ""))

@@ -17,6 +17,8 @@ from specmoe import Engine, SamplingParams
 from specmoe.experts.batch import Chunk
 from specmoe.experts.placement import Placement, balanced, contiguous
 from specmoe.experts.runner import ModelRunner
+from specmoe.kernels.sampling import probs_from_logits
+from specmoe.kernels.verify import SampleSpec, verify_sampling_u
 
 from _helpers import assert_same_or_near_tie  # noqa: E402  (tests/, on sys.path via conftest)
 
@@ -262,6 +264,23 @@ def test_logits_and_routing_equal_single_process(ep, control, runners, target):
         assert torch.equal(want.argmax, got.argmax) and torch.equal(want.logits, every[keep])
     with pytest.raises(ValueError, match="full has 2 entries for 3 chunks"):
         runner.run(chunks, num_logits=rows, full=[True, False])
+    # With `sample`, a sampled chunk of one-hot drafts is verified where its rows are (its worker) on the
+    # uniforms its spec carries: the outcome equals verifying its full rows here, and its rows stay there.
+    specs = [SampleSpec(5.0, 0, 1.0, [1e-12, 1e-12, 0.9]), None, SampleSpec(1.3, 4, 1.0, [0.01, 0.2, 0.5, 0.7, 0.99])]
+    want = [verify_sampling_u(probs_from_logits(every[lo:lo + n], sp.temperature, sp.top_k, sp.top_p),
+                              c.tokens[len(c.tokens) - n + 1:], None, sp.u)
+            for sp, c, lo, n in zip(specs, chunks, [0, 3, 4], rows) if sp is not None]
+    assert want[0][0] == 2 and want[1][0] < 4, want   # all accepted (tiny coins, no filter), and a rejection
+    for r in (runner, ref):
+        got = r.run(chunks, num_logits=rows, full=[False, True, False], sample=specs)
+        assert got.sampled == want
+        assert got.logits.shape[0] == 1 and torch.equal(got.argmax, every.argmax(dim=-1))
+    with pytest.raises(ValueError, match="chunk 0 has a sample spec, so its full flag must be False"):
+        runner.run(chunks, num_logits=rows, full=[True, True, False], sample=specs)
+    with pytest.raises(ValueError, match="chunk 2: 5 uniforms for 4 logits rows"):
+        runner.run(chunks, num_logits=[3, 1, 4], full=[False, True, False], sample=specs)
+    with pytest.raises(ValueError, match="sample has 2 entries for 3 chunks"):
+        runner.run(chunks, num_logits=rows, full=[False, True, False], sample=specs[:2])
 
 
 def test_deepseek_mla_shared_experts_logits_at_ep2_and_close_releases_workers(ray_cluster, deepseek):
@@ -403,6 +422,33 @@ def test_greedy_and_sampled_requests_in_one_step_under_ep(runners, target):
     got = Engine(runners(2), speculation=spec).generate(PROMPTS, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert all(o.stats.draft_tokens > 0 for o in got)
+
+
+@pytest.mark.parametrize("spec", [{"method": "ngram", "k": 3}, "off"], ids=["ngram", "off"])
+def test_sampled_requests_with_one_hot_drafts_are_verified_on_the_workers(spec, runners, target):
+    """Sampled requests whose drafts are one-hot (n-gram) or absent: their
+    verification runs on the EP workers on the uniforms the plan carries, no
+    logits row comes back, and the same seeds give the single-process tokens."""
+    params = [SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, temperature=0.9, top_p=0.9, seed=30 + i)
+              for i in range(len(PROMPTS))]
+    want = Engine.from_pretrained(target, max_batch=8, max_seq_len=128, speculation=spec).generate(PROMPTS, params)
+    runner = runners(2)
+    rows_back = []
+    run = runner.run
+
+    def spy(*a, **kw):
+        out = run(*a, **kw)
+        rows_back.append(out.logits.shape[0])
+        return out
+    runner.run = spy
+    try:
+        got = Engine(runner, speculation=spec).generate(PROMPTS, params)
+    finally:
+        del runner.run
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert rows_back and not any(rows_back)
+    if spec != "off":
+        assert sum(o.stats.accepted_tokens for o in got) > 0
 
 
 # ---- two nodes, balanced placement -----------------------------------------------------------------------------

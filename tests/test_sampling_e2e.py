@@ -36,19 +36,25 @@ def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("confidence_stop, N", [(False, N), (True, 6_000)], ids=["k2", "k2-confidence-stop"])
-def test_speculative_sampling_matches_exact_target_distribution(tmp_path, confidence_stop, N):
+@pytest.mark.parametrize("case, N", [("k2", N), ("k2-confidence-stop", 6_000), ("ngram", 6_000)],
+                         ids=["k2", "k2-confidence-stop", "ngram"])
+def test_speculative_sampling_matches_exact_target_distribution(tmp_path, case, N):
     """With a confidence stop the drafter stops after a draft it drew with
     q(x) below a threshold chosen so that about half the first drafts stop (a
-    rule on the drafter's side only): still exact, on fewer samples."""
+    rule on the drafter's side only): still exact, on fewer samples. With
+    n-gram drafts (one-hot, from a prompt that repeats) the verification runs
+    inside the runner on the uniforms the engine drew (ModelRunner.run(sample=)),
+    where an EP worker runs it."""
+    confidence_stop = case == "k2-confidence-stop"
+    prompt = PROMPT if case != "ngram" else [3, 7, 1, 3, 7, 1, 3]
     target = _model(0, tmp_path / "t", 2, 32)
     draft = _model(1, tmp_path / "d", 1, 16)
     with torch.no_grad():
         pt = lambda m, seqs: torch.softmax(m(torch.tensor(seqs)).logits[:, -1].double() / T, -1)  # noqa: E731
-        p1 = pt(target, [PROMPT])[0]                                              # (V,)
-        p2 = pt(target, [PROMPT + [a] for a in range(V)])                          # (V, V): p(x2 | x1)
-        p3 = pt(target, [PROMPT + [a, b] for a in range(V) for b in range(V)])     # (V*V, V)
-        q1 = pt(draft, [PROMPT])[0]
+        p1 = pt(target, [prompt])[0]                                              # (V,)
+        p2 = pt(target, [prompt + [a] for a in range(V)])                          # (V, V): p(x2 | x1)
+        p3 = pt(target, [prompt + [a, b] for a in range(V) for b in range(V)])     # (V*V, V)
+        q1 = pt(draft, [prompt])[0]
     joint12 = p1[:, None] * p2                                                     # (V, V)
     marg3 = (joint12.reshape(-1, 1) * p3).sum(0)
     assert 0.2 < (p1.max() - p1.min()).item() and torch.minimum(p1, q1).sum() < 0.95   # neither flat nor equal
@@ -58,16 +64,16 @@ def test_speculative_sampling_matches_exact_target_distribution(tmp_path, confid
         i = int((q.cumsum(0) < 0.5).sum())
         min_confidence = float(q[i - 1] + q[i]) / 2
 
-    eng = Engine.from_pretrained(tmp_path / "t", max_batch=64, max_seq_len=16,
-                                 speculation={"method": "draft_model", "k": 2, "draft_model": str(tmp_path / "d"),
-                                              "min_confidence": min_confidence})
+    spec = ({"method": "ngram", "k": 2} if case == "ngram" else
+            {"method": "draft_model", "k": 2, "draft_model": str(tmp_path / "d"), "min_confidence": min_confidence})
+    eng = Engine.from_pretrained(tmp_path / "t", max_batch=64, max_seq_len=16, speculation=spec)
     params = [SamplingParams(max_tokens=3, temperature=T, seed=i, ignore_eos=True) for i in range(N)]
     toks = torch.zeros(N, 3, dtype=torch.long)
     first_step_accepted = torch.zeros(N, dtype=torch.long)
     first_step_drafted = torch.zeros(N, dtype=torch.long)
     seen = torch.zeros(N, dtype=torch.bool)
     filled = [0] * N
-    for c in eng.generate_stream([PROMPT] * N, params):
+    for c in eng.generate_stream([prompt] * N, params):
         if not seen[c.index]:
             seen[c.index] = True
             first_step_accepted[c.index] = c.accepted_tokens
@@ -78,6 +84,8 @@ def test_speculative_sampling_matches_exact_target_distribution(tmp_path, confid
     stopped = (first_step_drafted == 1).double().mean().item()
     if confidence_stop:      # the first draft's q is below the threshold often enough to matter, not always
         assert 0.2 < stopped < 0.8, (stopped, min_confidence)
+    elif case == "ngram":    # the lookup of the prompt's last token finds "7, 1" after its earlier 3s
+        assert (first_step_drafted == 2).all()
     else:
         assert stopped == 0
 
@@ -85,12 +93,12 @@ def test_speculative_sampling_matches_exact_target_distribution(tmp_path, confid
     assert chi2_pvalue(torch.bincount(toks[:, 0] * V + toks[:, 1], minlength=V * V), joint12.reshape(-1)) > P_MIN
     assert chi2_pvalue(torch.bincount(toks[:, 2], minlength=V), marg3) > P_MIN
 
-    # The first draft of the first step is drawn from q1 and verified against p1.
+    # The first draft of the first step is drawn from q1 (n-gram: it is 7) and verified against p1.
     rate = (first_step_accepted >= 1).double().mean().item()
-    expected = torch.minimum(p1, q1).sum().item()
+    expected = (p1[7] if case == "ngram" else torch.minimum(p1, q1).sum()).item()
     se = (expected * (1 - expected) / N) ** 0.5
     assert abs(rate - expected) < 3 * se, (rate, expected, se)
 
     # The same seeds give the same samples.
-    again = eng.generate([PROMPT] * 50, params[:50])
+    again = eng.generate([prompt] * 50, params[:50])
     assert [o.token_ids for o in again] == toks[:50].tolist()

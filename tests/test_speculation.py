@@ -153,8 +153,9 @@ def test_stop_token_ids_cut_inside_an_accepted_run(target, plain):
 
 @pytest.mark.parametrize("kind", ["ngram", "draft_model", "layer_skip"])
 def test_greedy_and_sampled_requests_share_a_step(kind, target, draft, plain):
-    """Sampled requests get their own logits rows, greedy ones only the argmax
-    (runner.run(full=...)): with top_k=1 a sampled request is greedy in
+    """Sampled requests get their own logits rows (runner.run(full=...); with
+    n-gram drafts they are verified inside the runner instead, runner.run(sample=...)),
+    greedy ones only the argmax: with top_k=1 a sampled request is greedy in
     distribution, so a batch alternating the two must reproduce the plain
     output; a row handed to the wrong request would not."""
     ref_eng, want = plain

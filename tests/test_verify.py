@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from specmoe.kernels.sampling import greedy, probs_from_logits, sample
-from specmoe.kernels.verify import verify_greedy, verify_sampling
+from specmoe.kernels.verify import (draw_uniforms, sample_inverse_cdf, verify_greedy, verify_sampling,
+                                   verify_sampling_u)
 
 P_MIN = 1e-3          # chi-square p-value below which a distribution is declared wrong
 
@@ -340,6 +341,56 @@ def test_sampling_is_a_function_of_the_generator_seed():
     for draft_probs in (q, None):
         assert run(61, draft_probs) == run(61, draft_probs)
         assert run(61, draft_probs) != run(62, draft_probs)
+
+
+# --------------------------------------------------------------------------- given uniforms (an EP worker)
+
+def test_verify_sampling_is_verify_sampling_u_on_the_generators_uniforms():
+    """The generator path is the uniforms path on draw_uniforms' k + 1 uniforms,
+    and leaves the generator where a uniforms-path caller leaves it."""
+    p, q = _P, _Q[:2]
+    for drafts in _drafts(q, 50, 70):
+        for draft_probs in (q, None):
+            g1, g2 = _g(71), _g(71)
+            want = verify_sampling(p, drafts, draft_probs, g1)
+            u = draw_uniforms(len(drafts), g2)
+            assert len(u) == 3 and all(0.0 <= x < 1.0 for x in u)
+            assert verify_sampling_u(p, drafts, draft_probs, u) == want
+            assert torch.equal(g1.get_state(), g2.get_state())
+
+
+def test_verify_sampling_u_coins_decide_acceptance_at_p_over_q():
+    """Draft j is accepted iff u_j < p_j(x) / q_j(x): checked on both sides of the threshold."""
+    p, q = _P, _Q[:2]
+    x = [int(q[0].argmax()), int(q[1].argmax())]
+    r0 = float(p[0, x[0]] / q[0, x[0]])
+    r1 = float(p[1, x[1]] / q[1, x[1]])
+    assert r0 < 1 and r1 < 1, (r0, r1)
+    assert verify_sampling_u(p, x, q, [r0 * 0.999, r1 * 0.999, 0.5])[0] == 2
+    assert verify_sampling_u(p, x, q, [r0 * 0.999, r1 * 1.001, 0.5])[0] == 1
+    assert verify_sampling_u(p, x, q, [r0 * 1.001, 0.0, 0.5])[0] == 0
+    px = float(p[0, x[0]])                                           # one-hot: accepted iff u < p(x)
+    assert verify_sampling_u(p, x, None, [px * 0.999, 1.0 - 1e-12, 0.5])[0] == 1
+    assert verify_sampling_u(p, x, None, [px * 1.001, 0.0, 0.5])[0] == 0
+    with pytest.raises(ValueError, match="2 uniforms for 2 draft tokens, expected 3"):
+        verify_sampling_u(p, x, q, [0.1, 0.2])
+
+
+def test_inverse_cdf_draws_exact_probabilities_and_never_a_zero_weight_token():
+    w = _SPARSE[0] * 3.0                                             # unnormalised, zeros inside and at the ends
+    n, gen = 20000, _g(72)
+    counts = torch.zeros(_V)
+    for u in torch.rand(n, generator=gen, dtype=torch.float64).tolist():
+        counts[sample_inverse_cdf(w, u)] += 1
+    assert _chi2_pvalue(counts, w / w.sum()) > P_MIN
+    nz = (w > 0).nonzero().flatten().tolist()
+    # the ends of [0, 1): the first and the last token of positive weight, whatever the zeros around them
+    assert sample_inverse_cdf(w, 0.0) == nz[0]
+    assert sample_inverse_cdf(w, 1.0 - 2.0 ** -53) == nz[-1]
+    edge = torch.zeros(_V)
+    edge[3] = 1.0
+    for u in (0.0, 0.5, 1.0 - 2.0 ** -53):
+        assert sample_inverse_cdf(edge, u) == 3
 
 
 def test_accept_greedy_on_host_ids_matches_verify_greedy():
