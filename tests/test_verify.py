@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from specmoe.kernels.sampling import greedy, probs_from_logits, sample
+from specmoe.kernels.sampling import greedy, nucleus, probs_from_logits, sample
 from specmoe.kernels.verify import (draw_uniforms, sample_inverse_cdf, verify_greedy, verify_sampling,
                                    verify_sampling_u)
 
@@ -92,6 +92,37 @@ def test_probs_from_logits_matches_token_loop(temperature, top_k, top_p, dtype):
                        dtype=torch.float64)
     assert torch.equal(got > 0, ref > 0), "kept token sets differ"
     torch.testing.assert_close(got.double(), ref, atol=1e-6, rtol=1e-5)
+
+
+def _nucleus_by_stable_sort(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The top-p mask by a stable sort of every row (what sampling.nucleus avoids)."""
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+    drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p
+    return ~torch.zeros_like(drop).scatter_(1, order, drop)
+
+
+@pytest.mark.parametrize("top_p", [1e-6, 0.3, 0.9, 0.999])
+def test_nucleus_equals_the_stable_sort_mask_on_large_vocabularies(top_p):
+    """V = 3000: peaked rows (the nucleus inside the first 64 values), flat ones
+    (far past them: the whole row is sorted), plateaus (past 64, inside 1024:
+    the search widens to 1024), integer logits (ties at the boundary, lowest ids
+    kept), and rows cut by top-k first; bit for bit."""
+    V = 3000
+    plateau = torch.zeros(2, V)
+    plateau[0, :200] = 5.0                  # 200 equal tokens hold ~91%: a nucleus between 64 and 1024
+    plateau[1, 1000:1300] = 5.0 + torch.randn(300, generator=_g(83)) * 0.1
+    rows = [torch.randn(4, V, generator=_g(80)) * 6, torch.randn(4, V, generator=_g(81)) * 0.2,
+            torch.randint(-3, 4, (4, V), generator=_g(82)).float(), torch.zeros(1, V), plateau]
+    probs = torch.cat([probs_from_logits(torch.cat(rows), 1.0, top_k=k) for k in (0, 100)])
+    got = nucleus(probs, top_p)
+    assert torch.equal(got, _nucleus_by_stable_sort(probs, top_p))
+    assert got.any(dim=-1).all()
+    # each kind alone (a batch widens as far as its flattest row needs): the plateaus alone take the 1024 step
+    for part in [*probs.split(4), probs[13:15]]:
+        assert torch.equal(nucleus(part, top_p), _nucleus_by_stable_sort(part, top_p))
+    if top_p == 0.9:        # the flat rows' nucleus is past 1024 tokens, the plateaus' between 64 and 1024
+        width = got.sum(dim=-1)
+        assert (width[4:8] > 1024).all() and ((width[13:15] > 64) & (width[13:15] < 1024)).all(), width
 
 
 def test_top_k_ties_at_boundary_are_all_kept():
