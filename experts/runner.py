@@ -42,8 +42,9 @@ def check_full(full: list[bool] | None, num_chunks: int) -> None:
 
 def check_sample(sample: list[SampleSpec | None] | None, full: list[bool] | None, rows: list[int]) -> None:
     """`sample` (one entry per chunk) asks for a verification where the rows
-    are; such a chunk's rows are not wanted in full, and its spec carries one
-    uniform per row."""
+    are (checked before anything runs, so a bad spec fails the call, not a
+    worker): such a chunk's rows are not wanted in full, its settings are valid
+    and its spec carries one uniform in [0, 1) per row."""
     if sample is None:
         return
     if len(sample) != len(rows):
@@ -55,6 +56,11 @@ def check_sample(sample: list[SampleSpec | None] | None, full: list[bool] | None
             raise ValueError(f"chunk {i} has a sample spec, so its full flag must be False")
         if len(spec.u) != n:
             raise ValueError(f"chunk {i}: {len(spec.u)} uniforms for {n} logits rows, expected one per row")
+        if not (spec.temperature > 0 and spec.top_k >= 0 and 0.0 < spec.top_p <= 1.0):
+            raise ValueError(f"chunk {i}: sample spec temperature {spec.temperature}, top_k {spec.top_k}, top_p "
+                             f"{spec.top_p}: expected temperature > 0, top_k >= 0, top_p in (0, 1]")
+        if not all(0.0 <= x < 1.0 for x in spec.u):
+            raise ValueError(f"chunk {i}: sample spec uniforms {spec.u}: expected each in [0, 1)")
 
 
 def verify_chunks(logits: torch.Tensor, sample: list[SampleSpec | None], chunks: list[Chunk],

@@ -281,6 +281,12 @@ def test_logits_and_routing_equal_single_process(ep, control, runners, target):
         runner.run(chunks, num_logits=[3, 1, 4], full=[False, True, False], sample=specs)
     with pytest.raises(ValueError, match="sample has 2 entries for 3 chunks"):
         runner.run(chunks, num_logits=rows, full=[False, True, False], sample=specs[:2])
+    for bad, match in ((specs[0]._replace(temperature=0.0), "temperature 0.0"),
+                       (specs[0]._replace(top_p=1.5), "top_p 1.5"),
+                       (specs[0]._replace(u=[0.5, 1.0, 0.2]), r"uniforms \[0.5, 1.0, 0.2\]")):
+        with pytest.raises(ValueError, match=match):
+            runner.run(chunks, num_logits=rows, full=[False, True, False], sample=[bad, None, specs[2]])
+    assert runner.run(chunks, num_logits=rows, full=[False, True, False], sample=specs).sampled == want  # serving
 
 
 def test_deepseek_mla_shared_experts_logits_at_ep2_and_close_releases_workers(ray_cluster, deepseek):
