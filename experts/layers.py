@@ -73,8 +73,8 @@ class Attention(nn.Module):
         k_cache, v_cache = cache
         k_cache.view(-1, G, d).index_copy_(0, meta.write_index, k)
         v_cache.view(-1, G, d).index_copy_(0, meta.write_index, v)
-        out = attend(meta.pad(q), meta.gather_context(k_cache), meta.gather_context(v_cache), meta.mask, self.scale)
-        return F.linear(meta.unpad(out).reshape(T, H * d), self.o, self.o_bias)
+        out = meta.attention(lambda q_, k_, v_, m: attend(q_, k_, v_, m, self.scale), (q,), (k_cache, v_cache))
+        return F.linear(out.reshape(T, H * d), self.o, self.o_bias)
 
 
 class MLAttention(nn.Module):
@@ -112,9 +112,9 @@ class MLAttention(nn.Module):
         (latent_cache,) = cache
         latent_cache.view(-1, C + r).index_copy_(0, meta.write_index, row)
         w = self.kv_b.view(H, n + a.v_head_dim, C)
-        out = mla_attend(meta.pad(q_nope), meta.pad(self.rope(q_rot, cos, sin)),
-                         meta.gather_context(latent_cache), w[:, :n], w[:, n:], meta.mask, self.scale)
-        return F.linear(meta.unpad(out).reshape(T, H * a.v_head_dim), self.o)
+        out = meta.attention(lambda qn, qr, lc, m: mla_attend(qn, qr, lc, w[:, :n], w[:, n:], m, self.scale),
+                             (q_nope, self.rope(q_rot, cos, sin)), (latent_cache,))
+        return F.linear(out.reshape(T, H * a.v_head_dim), self.o)
 
 
 class MLP(nn.Module):

@@ -14,11 +14,27 @@ import torch.nn.functional as F
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
            scale: float) -> torch.Tensor:
-    """q (B, Q, H, d), k (B, L, G, d), v (B, L, G, dv), mask (B, 1, Q, L) -> (B, Q, H, dv)."""
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
-    return out.transpose(1, 2)
+    """q (B, Q, H, d), k (B, L, G, d), v (B, L, G, dv), mask (B or 1, 1, Q, L) -> (B, Q, H, dv).
+
+    With grouped KV heads (G < H) the r = H / G query heads that share a KV
+    head are packed into its query rows: one attention of Q * r queries per
+    (sequence, KV head) instead of r attentions of Q queries each, the same
+    keys read once (query head h uses KV head h // r, as repeat_interleave of
+    the KV heads has it; each packed row keeps its query's mask row). On one
+    CPU core at B = 64, H = 8, G = 2, d = 64, L = 49 this takes a layer's
+    attention from 0.63 / 1.17 / 1.98 ms to 0.40 / 0.58 / 1.71 ms at Q = 1 / 2
+    / 8 (scripts/bench_ragged.py measures the steps it changes)."""
+    B, Q, H, d = q.shape
+    G = k.shape[2]
+    if G == H:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask, scale=scale)
+        return out.transpose(1, 2)
+    r = H // G
+    qp = q.reshape(B, Q, G, r, d).permute(0, 2, 1, 3, 4).reshape(B, G, Q * r, d)     # row = query * r + head
+    m = None if mask is None else mask.repeat_interleave(r, dim=2)                   # (B, 1, Q * r, L)
+    out = F.scaled_dot_product_attention(qp, k.transpose(1, 2), v.transpose(1, 2), attn_mask=m, scale=scale)
+    return out.view(B, G, Q, r, -1).permute(0, 2, 1, 3, 4).reshape(B, Q, H, -1)
 
 
 def attend_reference(q, k, v, mask, scale):

@@ -5,6 +5,7 @@ against the general builder (tensors equal, masks equal)."""
 import pytest
 import torch
 
+from specmoe.experts import batch
 from specmoe.experts.batch import BatchMeta, Chunk
 from specmoe.kernels import rotary
 
@@ -29,7 +30,8 @@ def _general(chunk: Chunk, capacity: int, window: int) -> BatchMeta:
 
 
 @pytest.mark.parametrize("start,n,window", [(0, 1, 0), (7, 1, 0), (0, 6, 0), (9, 5, 0), (9, 5, 4), (3, 1, 2)])
-def test_single_chunk_meta_matches_the_general_builder(start, n, window):
+def test_single_chunk_meta_matches_the_general_builder(start, n, window, monkeypatch):
+    monkeypatch.setattr(batch, "RAGGED_ATTENTION", "pad")     # the general builder's own (padded) mask
     c = Chunk(2, start, list(range(n)))
     one = BatchMeta.build([c], 32, torch.device("cpu"), window)
     gen = _general(c, 32, window)
@@ -50,3 +52,17 @@ def test_single_chunk_meta_matches_the_general_builder(start, n, window):
 def test_single_chunk_meta_refuses_overflow():
     with pytest.raises(ValueError, match="exceeds the cache capacity of 8"):
         BatchMeta.build([Chunk(0, 6, [1, 2, 3])], 8, torch.device("cpu"))
+
+
+def test_ragged_chunks_attend_in_parts_of_equal_length():
+    """Chunks of unequal lengths: one part per length, holding its chunks'
+    flat tokens in order (each part a uniform batch of its own); equal
+    lengths stay one padded-free batch."""
+    chunks = [Chunk(0, 5, [1, 2]), Chunk(3, 9, [1]), Chunk(1, 2, [4, 5]), Chunk(2, 7, [6, 7, 8, 9])]
+    meta = BatchMeta.build(chunks, 32, torch.device("cpu"))
+    assert meta.mask is None and [p.q_lens for p in meta.parts] == [(1,), (2, 2), (4,)]
+    assert [p.rows.tolist() for p in meta.parts] == [[2], [0, 1, 3, 4], [5, 6, 7, 8]]
+    assert meta.parts[1].ctx_max == 7 and meta.parts[1].mask.shape == (2, 1, 2, 7)
+    for p in meta.parts:
+        assert torch.equal(p.positions, meta.positions[p.rows]) and p.parts is None
+    assert BatchMeta.build(chunks[:1] + chunks[2:3], 32, torch.device("cpu")).parts is None

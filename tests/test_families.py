@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from specmoe import SamplingParams
+from specmoe.experts import batch
 from specmoe.experts.batch import Chunk
 
 # The ids the conftest checkpoints use (pytest runs with --import-mode=importlib,
@@ -230,7 +231,10 @@ def test_verification_equals_single_steps(family, load_engine, k):
 # --------------------------------------------------------------------------- 4. ragged batch, rollback
 
 
-def test_ragged_batch_equals_each_sequence_alone(family, load_engine):
+@pytest.mark.parametrize("ragged", ["split", "pad"])
+def test_ragged_batch_equals_each_sequence_alone(family, load_engine, ragged, monkeypatch):
+    # split: attention per chunk length (the default); pad: every chunk padded to the longest
+    monkeypatch.setattr(batch, "RAGGED_ATTENTION", ragged)
     eng = load_engine(family)
     runner = eng.runner
     A, B, C, D = (random_tokens(n, seed) for n, seed in ((60, 1), (40, 2), (70, 3), (30, 4)))
@@ -249,6 +253,9 @@ def test_ragged_batch_equals_each_sequence_alone(family, load_engine):
     check_plan(runner, family, [(sd, D, 13, 3), (sc, C, 43, 3), (sa, A, 23, 3), (sb, B, 7, 3)],
                "step 4 (uniform chunks, different starts)")
     check_plan(runner, family, [(sb, B, 10, 16), (sd, D, 16, 2)], "step 5 (catch-up)", all_logits=False)
+    # two chunk lengths, two sequences each at different starts (attention parts of several sequences)
+    check_plan(runner, family, [(sd, D, 18, 2), (sc, C, 46, 5), (sa, A, 26, 2), (sb, B, 26, 5)],
+               "step 5b (two lengths, two sequences each)")
     # two sequences of equal length decoding in contiguous slots (no mask needed)
     assert (sa, sb) == (slots[3], slots[3] + 1)
     for pos in range(26, 30):

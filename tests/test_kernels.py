@@ -74,6 +74,25 @@ def test_attend_with_gqa_and_mask_matches_reference():
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("G", [1, 2, 4, 8])
+@pytest.mark.parametrize("mask_kind", ["per_sequence", "shared", "none"])
+def test_attend_packs_grouped_heads_with_each_querys_mask_row(G, mask_kind):
+    """The grouped query heads packed into their KV head's rows: every query
+    row keeps its own mask row (a random mask tells rows apart), a mask of
+    one sequence broadcasts, none means every key is visible; MHA (G = H) and
+    one KV head (MLA's case) alike."""
+    B, Q, L, H, d, dv = 3, 5, 11, 8, 16, 12
+    q, k, v = (torch.randn(B, Q, H, d, generator=_g(4)), torch.randn(B, L, G, d, generator=_g(5)),
+               torch.randn(B, L, G, dv, generator=_g(6)))
+    mask = {"per_sequence": torch.rand(B, 1, Q, L, generator=_g(7)) > 0.5,
+            "shared": torch.rand(1, 1, Q, L, generator=_g(8)) > 0.5, "none": None}[mask_kind]
+    if mask is not None:
+        mask[..., 0] = True
+    got = attend(q, k, v, mask, d ** -0.5)
+    assert got.shape == (B, Q, H, dv)
+    torch.testing.assert_close(got, attend_reference(q, k, v, mask, d ** -0.5), atol=1e-5, rtol=1e-5)
+
+
 def test_mla_absorbed_equals_decompressed_attention():
     """The absorbed latent form must equal attention with keys and values
     decompressed per head, which is how the DeepSeek reference computes it."""
