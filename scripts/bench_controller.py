@@ -49,6 +49,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -107,15 +108,15 @@ def make_engine(runner, policy, proposer_factory):
 
 
 def timed_generate(eng, prompts, params):
-    """(committed tokens/s, median TPOT ms over requests, mean k per request-step) of one generate call,
-    by the wall clock."""
+    """(committed tokens/s, median TPOT ms over requests, mean k per request-step, {k: request-steps}) of one
+    generate call, by the wall clock."""
     clock = Clock(eng)
     t0 = time.perf_counter()
     for chunk in eng.generate_stream(prompts, params):
         if chunk.token_ids:
             clock.record(chunk.index, len(chunk.token_ids), time.perf_counter() - t0)
     wall = time.perf_counter() - t0
-    return clock.tokens / wall, clock.tpot_ms(), clock.mean_k()
+    return clock.tokens / wall, clock.tpot_ms(), clock.mean_k(), clock.k_histogram()
 
 
 def interleaved(engines, prompts, params, reps, step=True):
@@ -130,7 +131,7 @@ def interleaved(engines, prompts, params, reps, step=True):
         samples = {p: [] for p in engines}
         for r in range(reps):
             for p, c in lockstep(engines, phases, start=r).items():
-                samples[p].append((c.tokens / c.seconds, c.tpot_ms(), c.mean_k()))
+                samples[p].append((c.tokens / c.seconds, c.tpot_ms(), c.mean_k(), c.k_histogram()))
         return samples
     for eng in engines.values():
         timed_generate(eng, prompts, params)
@@ -159,11 +160,13 @@ def run_cell(runner, prompts, conts, batch, alpha, decay, ks, reps, new_tokens, 
     out = {}
     for p, xs in samples.items():
         out[p] = {"tokens_per_s": statistics.median(x[0] for x in xs), "tpot_ms": statistics.median(x[1] for x in xs),
-                  "mean_k": statistics.mean(x[2] for x in xs), "reps": [round(x[0], 2) for x in xs]}
+                  "mean_k": statistics.mean(x[2] for x in xs), "reps": [round(x[0], 2) for x in xs],
+                  "k_hist": dict(sum((Counter(x[3]) for x in xs), Counter()))}
         if p.startswith("auto"):
             st = engines[p].stats()
             out[p]["mape"] = st["cost_model_mape"]
             out[p]["overhead"] = st["controller_overhead"]
+            out[p]["events"] = {e: st[f"controller_{e}"] for e in ("probes", "off_probes", "cooldowns")}
     for e in engines.values():
         e.close()
     return out
@@ -289,6 +292,12 @@ def run_real(args, log):
         print(f"| {name} | {b} | {off:.0f} | {best:.0f} ({bp}) | {auto:.0f} | {mk:.2f} | {auto / best:.2f}x | "
               f"{auto / off:.2f}x |")
     return rows
+
+
+def k_shares(hist: dict) -> str:
+    """{k: request-steps} as 'k:share%' for the timed repetitions."""
+    n = sum(hist.values())
+    return " ".join(f"{k}:{100 * v / n:.0f}%" for k, v in sorted(hist.items())) if n else "-"
 
 
 def fmt_cell(res, ks):
@@ -463,13 +472,14 @@ def main(argv=None) -> int:
                                 rows.append({"model": model, "ep": ep, "batch": batch, "alpha": alpha,
                                              "decay": decay, "policy": p, "tokens_per_s": r["tokens_per_s"],
                                              "tpot_ms": r["tpot_ms"], "mean_k": r["mean_k"],
-                                             "tokens_per_s_reps": r["reps"]})
+                                             "tokens_per_s_reps": r["reps"], "k_hist": r["k_hist"]})
                             off, bk, best, auto = fmt_cell(res, args.ks_list)
                             summary.append((model, ep, decay, batch, alpha, off, bk, best, auto,
                                             res["auto"]["mean_k"], res["auto"]["mape"], res["auto"]["overhead"]))
                             log(f"{model} ep={ep} decay={decay} batch={batch} alpha={alpha}: off {off:.0f}, "
                                 f"best k={bk} {best:.0f}, auto {auto:.0f} ({auto / best:.2f}x best, "
-                                f"{auto / off:.2f}x off)")
+                                f"{auto / off:.2f}x off); auto's k per request-step {k_shares(res['auto']['k_hist'])}, "
+                                f"since its start {res['auto']['events']}")
                             for v in args.auto_variant:
                                 r = res[f"auto[{v}]"]
                                 variants.append((model, ep, decay, batch, alpha, v, auto, r["tokens_per_s"],

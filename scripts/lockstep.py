@@ -38,9 +38,14 @@ class Clock:
         xs = [(self.last[i] - self.first[i]) / (self.count[i] - 1) * 1e3 for i in self.count if self.count[i] > 1]
         return statistics.median(xs) if xs else float("nan")
 
+    def k_histogram(self) -> dict:
+        """Draft length -> request-steps that drafted it, over this generation."""
+        return {k: v - self._k0.get(k, 0) for k, v in sorted(self.engine.telemetry.k_histogram.items())
+                if v > self._k0.get(k, 0)}
+
     def mean_k(self) -> float:
         """Mean draft length per request-step over this generation."""
-        hist = {k: v - self._k0.get(k, 0) for k, v in self.engine.telemetry.k_histogram.items()}
+        hist = self.k_histogram()
         n = sum(hist.values())
         return sum(k * v for k, v in hist.items()) / n if n else 0.0
 

@@ -75,6 +75,13 @@ def test_lockstep_generates_what_each_engine_does_alone_and_alternates(runner):
     assert order[3:6] == names[2:] + names[:2]
     steps = {name: order.count(name) for name in names}
     assert steps["off"] > 2 * steps["k=4"]      # off needs more steps: the loop ran each to its end
+    # each clock's draft lengths are its own run's: a second run of the same prompts counts the same again
+    hist = clocks["k=4"].k_histogram()
+    assert max(hist, key=hist.get) == 4 and set(hist) <= set(range(5))
+    again = lockstep(engines, [(prompts, params, None)])
+    assert again["k=4"].k_histogram() == hist
+    assert again["k=4"].mean_k() == pytest.approx(sum(k * v for k, v in hist.items()) / sum(hist.values()))
+    assert not any(again["off"].k_histogram().get(k, 0) for k in range(1, 9))
 
 
 def test_lockstep_runs_each_engine_its_own_phases_and_times_them(runner):
