@@ -107,7 +107,8 @@ class Controller:
                  margin: float = 0.01, max_backoff: int = 256, explore: float = 1.0, reuse_weight: float = 1.0,
                  replan_every: int = 16, reuse_every: int = 4, hedge: float = 1.0, profile: bool = True,
                  profile_budget_s: float = 3.0, learn_budget: float = 0.005, off_probe_every: int = 64,
-                 off_probe_gain: float = 0.15, dither_every: int = 0, log=None):
+                 off_probe_gain: float = 0.15, dither_every: int = 0, local_slope_strength: float | None = None,
+                 log=None):
         if k_max < 1:
             raise ValueError(f"controller k_max must be >= 1, got {k_max}")
         self.k_max, self.fallback_k, self.mape_bound = k_max, fallback_k, mape_bound
@@ -117,6 +118,8 @@ class Controller:
         model = getattr(runner, "model", None)
         itemsize = getattr(getattr(model, "dtype", None), "itemsize", 4)
         self.cost = CostModel(runner.config, ep=getattr(runner, "ep", 1), itemsize=itemsize, decode_tokens=k_max + 1)
+        if local_slope_strength is not None:
+            self.local_slope_strength = local_slope_strength
         if profile:
             self.cost.profile(runner, proposer, budget_s=profile_budget_s, log=log)
         self._state: dict[int, _ReqState] = {}
@@ -482,6 +485,16 @@ class Controller:
         self.acceptance.forget(req_id)
 
     # ---- reporting -------------------------------------------------------------------------------------------
+
+    @property
+    def local_slope_strength(self) -> float:
+        """The local line's slope prior (router/local_fit.py `slope_strength`), here for a benchmark's A/B."""
+        return self.cost.local.slope_strength
+
+    @local_slope_strength.setter
+    def local_slope_strength(self, v: float) -> None:
+        self.cost.local.slope_strength = float(v)
+        self.cost.local._c = None       # the cached lines were fitted with the old prior
 
     def stats(self) -> dict:
         return {

@@ -142,6 +142,10 @@ class CostModel:
         self._profile_x: list = []                  # profile points, kept as anchors for refits
         self._profile_z: list = []
         self.local = LocalFit(decode_tokens or 9)    # residual line at the batch running now (local_fit.py)
+        self.decode_tokens = decode_tokens
+        # _profile_large's batch: up to large_seqs sequences; large_decode: its chunks at most decode_tokens
+        # long (verification-shaped), else as long as its token totals need (at 32 sequences 12 and 4)
+        self.large_seqs, self.large_decode = 32, False
         self._x: deque = deque(maxlen=window)
         self._z: deque = deque(maxlen=window)
         self._err: deque = deque(maxlen=64)
@@ -382,10 +386,12 @@ class CostModel:
         cache = runner.cache
         slots, X, y = [], [], []
         try:
-            while cache.free_slots and len(slots) < 32:
+            while cache.free_slots and len(slots) < self.large_seqs:
                 slots.append(cache.allocate())
             ctx0 = min(16, cache.capacity // 4)
             room = cache.capacity - ctx0
+            if self.large_decode and self.decode_tokens:
+                room = min(room, self.decode_tokens)
             if len(slots) < 2 or room < 2:
                 return X, y
             rand = self._random_tokens(2)

@@ -16,7 +16,7 @@ about the current number of sequences (within 1/8) are fitted by a line in
 the step's tokens, r = a + b (n - mean n), each step weighted by 1 / its
 time squared (relative errors; other load stretches a step by a factor), the
 level shrunk toward 0 as by `strength` steps of residual 0 and the slope as
-by `strength` steps of slope 0 spread one token per sequence either side, so
+by `slope_strength` steps of slope 0 spread one token per sequence either side, so
 a window of one shape (a steady plan) moves the level only. A price adds
 a + b (n - mean n), n held within the tokens the fit saw: beyond them the
 model's own slope applies. The controller's off probes give the line its
@@ -30,8 +30,10 @@ import numpy as np
 
 
 class LocalFit:
-    def __init__(self, decode_tokens: int, window: int = 256, strength: float = 4.0, clip: float = 0.5):
+    def __init__(self, decode_tokens: int, window: int = 256, strength: float = 4.0, clip: float = 0.5,
+                 slope_strength: float | None = None):
         self.decode_tokens, self.strength, self.clip = decode_tokens, strength, clip
+        self.slope_strength = strength if slope_strength is None else slope_strength
         self._obs: deque = deque(maxlen=window)     # (sequences, tokens, plan-time target features, seconds)
         self._lines: dict = {}                      # sequences -> (a, b, mean n, lowest n, highest n)
         self._c = None                              # the coefficients the cached lines are residuals of
@@ -65,7 +67,7 @@ class LocalFit:
             wbar = sw / len(pts)
             a = float((w * r).sum() / (sw + self.strength * wbar))
             dn = n - mean_n
-            b = float((w * dn * (r - a)).sum() / ((w * dn * dn).sum() + self.strength * wbar * seqs * seqs))
+            b = float((w * dn * (r - a)).sum() / ((w * dn * dn).sum() + self.slope_strength * wbar * seqs * seqs))
             out = (a, b, mean_n, float(n.min()), float(n.max()))
         self._lines[seqs] = out
         return out

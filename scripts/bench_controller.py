@@ -44,6 +44,7 @@ on a shared machine are noisy: compare ratios inside a run.
 """
 
 import argparse
+import copy
 import json
 import shlex
 import statistics
@@ -93,12 +94,19 @@ def variant_knobs() -> set:
     return set(inspect.signature(Controller.__init__).parameters) - FIXED_AT_START - {"self"}
 
 
-def make_engine(runner, policy, proposer_factory):
+def make_engine(runner, policy, proposer_factory, profiled=None):
+    """The engine of a policy. profiled: an "auto" engine whose start-up
+    profile a variant takes over (a copy of its cost model before any step),
+    so that an A/B differs by the knob, not by two profiles of a noisy
+    machine (on moe-bench four profiles priced the same step increment at
+    0.85-2.18x of its time, docs/BENCHMARKS.md "Session 12")."""
     from specmoe import Engine
     if policy == "off":
         return Engine(runner)
     if policy.startswith("auto"):
         eng = Engine(runner, proposer=proposer_factory(), speculation={"k": max(KS), "auto": True})
+        if profiled is not None and policy != "auto":
+            eng.controller.cost = copy.deepcopy(profiled.controller.cost)
         for name, value in variant_settings(policy).items():    # before any step: the controller's knobs
             if not hasattr(eng.controller, name):
                 raise SystemExit(f"--auto-variant: the controller has no setting {name!r}")
@@ -155,7 +163,9 @@ def run_cell(runner, prompts, conts, batch, alpha, decay, ks, reps, new_tokens, 
 
     def factory():
         return SyntheticProposer(conts, alpha, decay, vocab_size=V, seed=seed)
-    engines = {p: make_engine(runner_for(runner, step), p, factory) for p in policies(ks, variants)}
+    engines = {}
+    for p in policies(ks, variants):            # "auto" before its variants, which take over its profile
+        engines[p] = make_engine(runner_for(runner, step), p, factory, engines.get("auto"))
     samples = interleaved(engines, prompts, params, reps, step)
     out = {}
     for p, xs in samples.items():

@@ -33,10 +33,17 @@ def test_a_variant_engine_is_auto_with_its_settings():
 
     def factory():
         return SyntheticProposer({}, 0.5, vocab_size=V)
-    eng = make_engine(runner, "auto[margin=0.05,dither_every=4]", factory)
     plain = make_engine(runner, "auto", factory)
-    assert (eng.controller.margin, eng.controller.dither_every) == (0.05, 4)
-    assert (plain.controller.margin, plain.controller.dither_every) == (0.01, 0)
+    eng = make_engine(runner, "auto[margin=0.05,local_slope_strength=0.5]", factory, plain)
+    assert (eng.controller.margin, eng.controller.local_slope_strength) == (0.05, 0.5)
+    assert (plain.controller.margin, plain.controller.local_slope_strength) == (0.01, 4.0)
     assert plain.speculation.auto and eng.speculation.auto
-    for e in (eng, plain):
+    # the variant prices with the plain engine's profile, in a cost model of its own
+    assert eng.controller.cost is not plain.controller.cost
+    assert (eng.controller.cost.c == plain.controller.cost.c).all() and eng.controller.cost.knee == \
+        plain.controller.cost.knee
+    assert eng.controller.cost.local is not plain.controller.cost.local
+    own = make_engine(runner, "auto[margin=0.05]", factory)      # no profiled engine given: its own profile
+    assert own.controller.cost.c is not plain.controller.cost.c
+    for e in (eng, plain, own):
         e.close()

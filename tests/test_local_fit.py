@@ -49,6 +49,38 @@ def test_local_line_recovers_what_the_features_miss():
     assert b1 == 0.0 and a1 == pytest.approx(1e-3 * 20 / 24)
 
 
+def test_slope_prior_is_its_own_strength():
+    """Two off probes (8 sequences x 1 token) among 30 drafted steps (x 2
+    tokens), the drafted step truly costing 1 ms more than the model says:
+    the slope learned is the data's spread over (spread + slope_strength
+    pseudo-steps of one token per sequence either side), whatever the level's
+    strength; a controller's local_slope_strength reaches its cost model."""
+    cm = CostModel(_moe_config())
+    pts = [(8, _rows(cm, 8, 1))] * 2 + [(16, _rows(cm, 8, 2))] * 30
+    got = {}
+    for s in (4.0, 1.0, 0.25):
+        lf = LocalFit(decode_tokens=9, strength=4.0, slope_strength=s)
+        for n, x in pts:
+            lf.observe(8, n, x, float(C @ x) + 1e-3 * (n - 8) / 8)    # the 8 drafted tokens: 1 ms unpriced
+        a, b, m, lo, hi = lf.line(8, C)
+        ns = np.array([n for n, _ in pts], dtype=float)
+        w = 1.0 / np.array([float(C @ x) + 1e-3 * (n - 8) / 8 for n, x in pts]) ** 2
+        mean = (w * ns).sum() / w.sum()
+        spread = (w * (ns - mean) ** 2).sum()
+        shrink = spread / (spread + s * w.mean() * 64)
+        assert b == pytest.approx(1e-3 / 8 * shrink, rel=0.05), (s, b, shrink)
+        got[s] = b
+    assert got[0.25] > got[1.0] > got[4.0]
+    assert LocalFit(decode_tokens=9, strength=2.0).slope_strength == 2.0       # defaults to the level's
+
+
+def test_controller_sets_the_local_slope_strength(runner):
+    ctl = _controller(runner, [5e-3, 1e-4, 1e-4, 0, 0, 0], [0, 0, 0, 0, 0], acceptance=0.3)
+    assert ctl.local_slope_strength == ctl.cost.local.strength
+    ctl.local_slope_strength = 0.5
+    assert ctl.cost.local.slope_strength == 0.5 and ctl.cost.local._c is None
+
+
 def test_prediction_adds_the_local_correction():
     cm = CostModel(_moe_config())
     cm.c = C.copy()
