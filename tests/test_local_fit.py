@@ -54,7 +54,7 @@ def test_slope_prior_is_its_own_strength():
     tokens), the drafted step truly costing 1 ms more than the model says:
     the slope learned is the data's spread over (spread + slope_strength
     pseudo-steps of one token per sequence either side), whatever the level's
-    strength; a controller's local_slope_strength reaches its cost model."""
+    strength."""
     cm = CostModel(_moe_config())
     pts = [(8, _rows(cm, 8, 1))] * 2 + [(16, _rows(cm, 8, 2))] * 30
     got = {}
