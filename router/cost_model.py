@@ -146,6 +146,7 @@ class CostModel:
         # _profile_large's batch: up to large_seqs sequences; large_decode: its chunks at most decode_tokens
         # long (verification-shaped), else as long as its token totals need (at 32 sequences 12 and 4)
         self.large_seqs, self.large_decode = 32, False
+        self.large_sizes = (384, 128, 1)            # _profile_large's token totals
         self._x: deque = deque(maxlen=window)
         self._z: deque = deque(maxlen=window)
         self._err: deque = deque(maxlen=64)
@@ -371,7 +372,7 @@ class CostModel:
                 cache.free(s)
         return X, y
 
-    def _profile_large(self, runner, deadline, sizes=(384, 128, 1), rounds: int = 3):
+    def _profile_large(self, runner, deadline, sizes=None, rounds: int = 3):
         """Whole target forwards of many tokens: up to 32 sequences at once with
         about 384 and 128 tokens in all, and one token each. The short steps
         of `_profile_forward` (at most 32 tokens) say nothing of the second
@@ -398,7 +399,7 @@ class CostModel:
             runner.run([Chunk(s, 0, rand(ctx0)) for s in slots])           # fill the context
             B = len(slots)
             shapes = []
-            for size in sizes:
+            for size in sizes or self.large_sizes:
                 q = max(1, min(room, round(size / B)))
                 if (B, q) not in shapes and (q == 1 or B * q > 32):       # short steps are _profile_forward's
                     shapes.append((B, q))

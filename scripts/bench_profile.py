@@ -21,7 +21,10 @@ Variants of the profile's large points (`_profile_large`):
 - "long": up to 32 sequences, chunks as long as ~384 and ~128 tokens need
   (12 and 4 tokens a sequence), as before;
 - "decode": up to 64 sequences, chunks at most k_max + 1 tokens (6, 2 and 1
-  at 64 sequences): the shapes the plan chooses between.
+  at 64 sequences): the shapes the plan chooses between;
+- "decode32": 32 sequences, chunks at most k_max + 1 tokens (9, 4 and 1);
+- "long+64": "long" with a point of 64 tokens (32 x 2) added, between the
+  knees of 32 and 64 tokens that the profiles pick in turn.
 
     .venv/bin/python scripts/bench_profile.py [--batch 16,64] [--q 1,2,4,7] [--profiles 4] [--rounds 8]
         [--variant long,decode]
@@ -38,7 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-VARIANTS = {"long": (32, False), "decode": (64, True), "decode32": (32, True)}
+VARIANTS = {"long": (32, False, (384, 128, 1)), "decode": (64, True, (384, 128, 1)),
+            "decode32": (32, True, (384, 128, 1)), "long+64": (32, False, (384, 128, 64, 1))}
 
 
 def main() -> None:
@@ -99,7 +103,7 @@ def main() -> None:
     for r in range(a.profiles):
         for v in variants[r % len(variants):] + variants[:r % len(variants)]:
             cm = CostModel(runner.config, decode_tokens=a.k_max + 1)
-            cm.large_seqs, cm.large_decode = VARIANTS[v]
+            cm.large_seqs, cm.large_decode, cm.large_sizes = VARIANTS[v]
             cm.profile(runner)
             priced[v].append(cm)
             knees[v].append(cm.knee)
