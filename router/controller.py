@@ -493,8 +493,7 @@ class Controller:
 
     @local_slope_strength.setter
     def local_slope_strength(self, v: float) -> None:
-        self.cost.local.slope_strength = float(v)
-        self.cost.local._c = None       # the cached lines were fitted with the old prior
+        self.cost.local.slope_strength = v
 
     def stats(self) -> dict:
         return {

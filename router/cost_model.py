@@ -142,11 +142,10 @@ class CostModel:
         self._profile_x: list = []                  # profile points, kept as anchors for refits
         self._profile_z: list = []
         self.local = LocalFit(decode_tokens or 9)    # residual line at the batch running now (local_fit.py)
-        self.decode_tokens = decode_tokens
-        # _profile_large's batch: up to large_seqs sequences; large_decode: its chunks at most decode_tokens
-        # long (verification-shaped), else as long as its token totals need (at 32 sequences 12 and 4)
-        self.large_seqs, self.large_decode = 32, False
-        self.large_sizes = (384, 128, 1)            # _profile_large's token totals
+        # _profile_large's shapes: up to large_seqs sequences with about large_sizes tokens in all; large_decode:
+        # chunks at most decode_tokens long (verification-shaped), else as long as the totals need (at 32
+        # sequences 12 and 4). scripts/bench_profile.py compares them; the defaults are the ones it kept.
+        self.large_seqs, self.large_decode, self.large_sizes = 32, False, (384, 128, 1)
         self._x: deque = deque(maxlen=window)
         self._z: deque = deque(maxlen=window)
         self._err: deque = deque(maxlen=64)
@@ -372,9 +371,10 @@ class CostModel:
                 cache.free(s)
         return X, y
 
-    def _profile_large(self, runner, deadline, sizes=None, rounds: int = 3):
+    def _profile_large(self, runner, deadline, rounds: int = 3):
         """Whole target forwards of many tokens: up to 32 sequences at once with
-        about 384 and 128 tokens in all, and one token each. The short steps
+        about 384 and 128 tokens in all, and one token each (the defaults of
+        large_seqs and large_sizes). The short steps
         of `_profile_forward` (at most 32 tokens) say nothing of the second
         token slope, and a batch of 64 drafting 4-8 each runs 300-600 tokens a
         step. One context (the prefill that fills it, 16 tokens per sequence,
@@ -391,15 +391,15 @@ class CostModel:
                 slots.append(cache.allocate())
             ctx0 = min(16, cache.capacity // 4)
             room = cache.capacity - ctx0
-            if self.large_decode and self.decode_tokens:
-                room = min(room, self.decode_tokens)
+            if self.large_decode and self.experts.max_tokens:
+                room = min(room, self.experts.max_tokens)
             if len(slots) < 2 or room < 2:
                 return X, y
             rand = self._random_tokens(2)
             runner.run([Chunk(s, 0, rand(ctx0)) for s in slots])           # fill the context
             B = len(slots)
             shapes = []
-            for size in sizes or self.large_sizes:
+            for size in self.large_sizes:
                 q = max(1, min(room, round(size / B)))
                 if (B, q) not in shapes and (q == 1 or B * q > 32):       # short steps are _profile_forward's
                     shapes.append((B, q))

@@ -33,11 +33,20 @@ class LocalFit:
     def __init__(self, decode_tokens: int, window: int = 256, strength: float = 4.0, clip: float = 0.5,
                  slope_strength: float | None = None):
         self.decode_tokens, self.strength, self.clip = decode_tokens, strength, clip
-        self.slope_strength = strength if slope_strength is None else slope_strength
+        self._slope_strength = strength if slope_strength is None else slope_strength
         self._obs: deque = deque(maxlen=window)     # (sequences, tokens, plan-time target features, seconds)
         self._lines: dict = {}                      # sequences -> (a, b, mean n, lowest n, highest n)
         self._c = None                              # the coefficients the cached lines are residuals of
         self._new = 0                               # steps observed since the lines were cached
+
+    @property
+    def slope_strength(self) -> float:
+        return self._slope_strength
+
+    @slope_strength.setter
+    def slope_strength(self, v: float) -> None:
+        self._slope_strength = float(v)
+        self._c = None                              # the cached lines were fitted with the old prior
 
     def observe(self, seqs: int, tokens: int, x: np.ndarray, seconds: float) -> None:
         if seconds > 0 and seqs > 0 and tokens <= seqs * self.decode_tokens:
@@ -67,7 +76,7 @@ class LocalFit:
             wbar = sw / len(pts)
             a = float((w * r).sum() / (sw + self.strength * wbar))
             dn = n - mean_n
-            b = float((w * dn * (r - a)).sum() / ((w * dn * dn).sum() + self.slope_strength * wbar * seqs * seqs))
+            b = float((w * dn * (r - a)).sum() / ((w * dn * dn).sum() + self._slope_strength * wbar * seqs * seqs))
             out = (a, b, mean_n, float(n.min()), float(n.max()))
         self._lines[seqs] = out
         return out
