@@ -104,9 +104,15 @@ def make_engine(runner, policy, proposer_factory, profiled=None):
     if policy == "off":
         return Engine(runner)
     if policy.startswith("auto"):
-        eng = Engine(runner, proposer=proposer_factory(), speculation={"k": max(KS), "auto": True})
         if profiled is not None and policy != "auto":
+            # No profile of its own (about 5 s a variant a cell): the engine's controller is unprofiled and
+            # prices with a copy of auto's cost model (the engine reads `controller is not None` as auto).
+            from specmoe.router.controller import Controller
+            eng = Engine(runner, proposer=proposer_factory(), speculation={"k": max(KS)})
+            eng.controller = Controller(runner, eng.proposer, k_max=max(KS), profile=False)
             eng.controller.cost = copy.deepcopy(profiled.controller.cost)
+        else:
+            eng = Engine(runner, proposer=proposer_factory(), speculation={"k": max(KS), "auto": True})
         for name, value in variant_settings(policy).items():    # before any step: the controller's knobs
             if not hasattr(eng.controller, name):
                 raise SystemExit(f"--auto-variant: the controller has no setting {name!r}")

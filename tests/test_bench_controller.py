@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from bench_controller import make_engine, parse_args, policies, variant_settings  # noqa: E402
+from bench_controller import KS, make_engine, parse_args, policies, variant_settings  # noqa: E402
 
 from specmoe.drafter import SyntheticProposer  # noqa: E402
 from specmoe.experts.checkpoint import bundled_model  # noqa: E402
 from specmoe.experts.runner import ModelRunner  # noqa: E402
+from specmoe.router.cost_model import CostModel  # noqa: E402
+from specmoe.router.params import SamplingParams  # noqa: E402
 
 
 def test_variant_policies_parse_to_controller_settings():
@@ -27,17 +29,25 @@ def test_variant_policies_parse_to_controller_settings():
             parse_args([x for v in bad for x in ("--auto-variant", v)])
 
 
-def test_a_variant_engine_is_auto_with_its_settings():
+def test_a_variant_engine_is_auto_with_its_settings(monkeypatch):
     runner = ModelRunner.from_pretrained(bundled_model("tiny-moe"), max_seqs=2, max_seq_len=64)
     V = runner.config.vocab_size
 
     def factory():
         return SyntheticProposer({}, 0.5, vocab_size=V)
     plain = make_engine(runner, "auto", factory)
+    profiles = []
+    real_profile = CostModel.profile
+    monkeypatch.setattr(CostModel, "profile", lambda self, *a, **kw: profiles.append(self) or real_profile(
+        self, *a, **kw))
     eng = make_engine(runner, "auto[margin=0.05,local_slope_strength=0.5]", factory, plain)
+    monkeypatch.undo()
+    assert not profiles                         # the variant ran no profile of its own
     assert (eng.controller.margin, eng.controller.local_slope_strength) == (0.05, 0.5)
     assert (plain.controller.margin, plain.controller.local_slope_strength) == (0.01, 4.0)
-    assert plain.speculation.auto and eng.speculation.auto
+    assert eng.controller.cost.local.slope_strength == 0.5      # set on the cost model it prices with
+    for e in (plain, eng):                      # a request of no speculation of its own is the controller's
+        assert e._request_k(SamplingParams(max_tokens=4)) == (max(KS), True)
     # the variant prices with the plain engine's profile, in a cost model of its own
     assert eng.controller.cost is not plain.controller.cost
     assert (eng.controller.cost.c == plain.controller.cost.c).all() and eng.controller.cost.knee == \
