@@ -72,12 +72,16 @@ class _Curve:
 
 class AcceptanceEstimator:
     def __init__(self, k_max: int, prior_mean: float = 0.6, prior_strength: float = 4.0,
-                 global_decay: float = 0.99, request_decay: float = 0.95, chain_strength: float = 4.0):
+                 global_decay: float = 0.99, request_decay: float = 0.95, chain_strength: float = 4.0,
+                 age_cap: int | None = None):
+        """age_cap: a step's verifications age the global curves as at most this many would (None: all of
+        them), so at a large batch the curves keep more than ~1 / (1 - global_decay) verifications' evidence
+        (at batch 64 and 0.99 the curves aged by half every step)."""
         if k_max < 1:
             raise ValueError(f"k_max must be >= 1, got {k_max}")
         self.k_max, self.prior_strength = k_max, prior_strength
         self.global_decay, self.request_decay = global_decay, request_decay
-        self.prior_mean, self.chain_strength = prior_mean, chain_strength
+        self.prior_mean, self.chain_strength, self.age_cap = prior_mean, chain_strength, age_cap
         self._all = _Curve(k_max)               # every verification
         self._kinds: dict = {}                  # proposal kind -> _Curve of that kind's verifications
         self._req: dict[int, dict] = {}         # request id -> {kind: (decayed accepted, decayed observed)}
@@ -209,7 +213,8 @@ class AcceptanceEstimator:
         self._since_strength += 1
         if self._since_strength >= 16:
             self._fit_strength()
-        self._all.age(self.global_decay ** len(batch))
+        cap = self.age_cap
+        self._all.age(self.global_decay ** (len(batch) if cap is None else min(len(batch), cap)))
         if kinds is not None:
             per_kind: dict = {}
             for b in batch:
@@ -219,7 +224,7 @@ class AcceptanceEstimator:
                 c = self._kinds.get(kind)
                 if c is None:
                     c = self._kinds[kind] = _Curve(self.k_max)
-                c.age(self.global_decay ** m)
+                c.age(self.global_decay ** (m if cap is None else min(m, cap)))
         rd = self.request_decay
         for rid, d, a, kind in batch:
             self._all.add(d, a)

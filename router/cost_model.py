@@ -146,6 +146,9 @@ class CostModel:
         # chunks at most decode_tokens long (verification-shaped), else as long as the totals need (at 32
         # sequences 12 and 4). scripts/bench_profile.py compares them; the defaults are the ones it kept.
         self.large_seqs, self.large_decode, self.large_sizes = 32, False, (384, 128, 1)
+        # _profile_forward's slots (two groups, one per context: batches up to forward_seqs / 2), and whether the
+        # per-expert coefficient is pinned to _profile_moe's micro-profile (else fitted with the rest).
+        self.forward_seqs, self.pin_experts = 8, True
         self._x: deque = deque(maxlen=window)
         self._z: deque = deque(maxlen=window)
         self._err: deque = deque(maxlen=64)
@@ -210,7 +213,7 @@ class CostModel:
         chosen (batch, depth). Sets the prior coefficients and the knee."""
         t_start = time.perf_counter()
         deadline = t_start + budget_s
-        moe_prior = self._profile_moe(runner, deadline)
+        moe_prior = self._profile_moe(runner, deadline) if self.pin_experts else None
         X, y = self._profile_forward(runner, deadline)
         self.profile_large_seconds = 0.0
         if X:
@@ -326,7 +329,7 @@ class CostModel:
         slots = []
         X, y = [], []
         try:
-            while cache.free_slots and len(slots) < 8:
+            while cache.free_slots and len(slots) < self.forward_seqs:
                 slots.append(cache.allocate())
             if not slots:
                 return X, y

@@ -41,8 +41,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-VARIANTS = {"long": (32, False, (384, 128, 1)), "decode": (64, True, (384, 128, 1)),
-            "decode32": (32, True, (384, 128, 1)), "long+64": (32, False, (384, 128, 64, 1))}
+VARIANTS = {"long": {}, "decode": dict(large_seqs=64, large_decode=True),
+            "decode32": dict(large_decode=True), "long+64": dict(large_sizes=(384, 128, 64, 1)),
+            "free": dict(pin_experts=False), "wide": dict(forward_seqs=16),
+            "wide+free": dict(forward_seqs=16, pin_experts=False)}
 
 
 def main() -> None:
@@ -103,7 +105,8 @@ def main() -> None:
     for r in range(a.profiles):
         for v in variants[r % len(variants):] + variants[:r % len(variants)]:
             cm = CostModel(runner.config, decode_tokens=a.k_max + 1)
-            cm.large_seqs, cm.large_decode, cm.large_sizes = VARIANTS[v]
+            for name, value in VARIANTS[v].items():
+                setattr(cm, name, value)
             cm.profile(runner)
             priced[v].append(cm)
             knees[v].append(cm.knee)

@@ -83,6 +83,19 @@ def test_acceptance_estimate_recovers_conditional_rates_under_censoring():
     np.testing.assert_allclose(est.estimate([3])[0, :4], true[:4], atol=0.05)
 
 
+@pytest.mark.parametrize("cap", [None, 2])
+def test_acceptance_age_cap_ages_a_large_step_as_that_many_verifications(cap):
+    """Ten accepted one-token drafts, then a step of ten rejected ones: the
+    first step's evidence ages by global_decay per verification of the second,
+    or per verification up to age_cap; the global estimate of position 0 is
+    the Beta mean (a + s * prior) / (n + s) of those counts."""
+    est = AcceptanceEstimator(1, prior_mean=0.6, chain_strength=4.0, global_decay=0.99, age_cap=cap)
+    est.observe(list(range(10)), [1] * 10, [1] * 10)
+    est.observe(list(range(10, 20)), [1] * 10, [0] * 10)
+    g = 0.99 ** (10 if cap is None else cap)
+    assert est.global_curve[0] == pytest.approx((10 * g + 4 * 0.6) / (10 * g + 10 + 4), rel=1e-12)
+
+
 def test_acceptance_per_request_follows_its_own_rate():
     est = AcceptanceEstimator(4)
     for _ in range(200):
