@@ -73,21 +73,34 @@ class _Curve:
 class AcceptanceEstimator:
     def __init__(self, k_max: int, prior_mean: float = 0.6, prior_strength: float = 4.0,
                  global_decay: float = 0.99, request_decay: float = 0.95, chain_strength: float = 4.0,
-                 age_cap: int | None = None):
+                 age_cap: int | None = None, frontier_only: bool = False):
         """age_cap: a step's verifications age the global curves as at most this many would (None: all of
         them), so at a large batch the curves keep more than ~1 / (1 - global_decay) verifications' evidence
-        (at batch 64 and 0.99 the curves aged by half every step)."""
+        (at batch 64 and 0.99 the curves aged by half every step). frontier_only: the exploration bonus
+        (`rates(explore=)`) at the first position seen fewer than chain_strength times alone, not at every
+        position up to it."""
         if k_max < 1:
             raise ValueError(f"k_max must be >= 1, got {k_max}")
         self.k_max, self.prior_strength = k_max, prior_strength
         self.global_decay, self.request_decay = global_decay, request_decay
         self.prior_mean, self.chain_strength, self.age_cap = prior_mean, chain_strength, age_cap
+        self._frontier_only = bool(frontier_only)
         self._all = _Curve(k_max)               # every verification
         self._kinds: dict = {}                  # proposal kind -> _Curve of that kind's verifications
         self._req: dict[int, dict] = {}         # request id -> {kind: (decayed accepted, decayed observed)}
         self.strength = prior_strength         # the per-request prior's strength in use (see _fit_strength)
         self._since_strength = 0
         self._past: deque = deque(maxlen=32)    # (accepted, seen, kind) at position 0 of finished requests
+
+    @property
+    def frontier_only(self) -> bool:
+        return self._frontier_only
+
+    @frontier_only.setter
+    def frontier_only(self, v: bool) -> None:
+        self._frontier_only = bool(v)
+        for c in [self._all, *self._kinds.values()]:
+            c.curve = None                      # the bonus is cached with the curve
 
     # ---- curves ----------------------------------------------------------------------------------------------
 
@@ -113,8 +126,10 @@ class AcceptanceEstimator:
         # than the evidence, not eight on a thin prior (a bonus at every position compounds along the survival
         # product; deeper positions keep the trend prior, which carries a high rate on by itself).
         frontier = next((j for j, n in enumerate(gn) if n < s), len(gn))
-        c.bonus = [math.sqrt(g * (1 - g) / (n + s)) if j <= frontier else 0.0
-                   for j, (g, n) in enumerate(zip(curve, gn))]
+        # frontier_only: the bonus at the frontier position alone, so the seen positions' optimism does not
+        # compound along the survival product of every deeper draft.
+        c.bonus = [math.sqrt(g * (1 - g) / (n + s)) if j == frontier or j < frontier and not self.frontier_only
+                   else 0.0 for j, (g, n) in enumerate(zip(curve, gn))]
 
     def _overall(self) -> _Curve:
         if self._all.curve is None:

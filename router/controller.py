@@ -108,12 +108,12 @@ class Controller:
                  replan_every: int = 16, reuse_every: int = 4, hedge: float = 1.0, profile: bool = True,
                  profile_budget_s: float = 3.0, learn_budget: float = 0.005, off_probe_every: int = 64,
                  off_probe_gain: float = 0.15, dither_every: int = 0, local_slope_strength: float | None = None,
-                 acceptance_age_cap: int | None = None, log=None):
+                 acceptance_age_cap: int | None = None, explore_frontier_only: bool = False, log=None):
         if k_max < 1:
             raise ValueError(f"controller k_max must be >= 1, got {k_max}")
         self.k_max, self.fallback_k, self.mape_bound = k_max, fallback_k, mape_bound
         self.margin, self.max_backoff, self.explore, self.hedge = margin, max_backoff, explore, hedge
-        self.acceptance = AcceptanceEstimator(k_max, age_cap=acceptance_age_cap)
+        self.acceptance = AcceptanceEstimator(k_max, age_cap=acceptance_age_cap, frontier_only=explore_frontier_only)
         self.proposer = proposer
         model = getattr(runner, "model", None)
         itemsize = getattr(getattr(model, "dtype", None), "itemsize", 4)
@@ -503,6 +503,16 @@ class Controller:
     @acceptance_age_cap.setter
     def acceptance_age_cap(self, v) -> None:
         self.acceptance.age_cap = None if v is None else int(v)
+
+    @property
+    def explore_frontier_only(self) -> bool:
+        """The exploration bonus at the frontier position alone (router/acceptance.py `frontier_only`), here for a
+        benchmark's A/B."""
+        return self.acceptance.frontier_only
+
+    @explore_frontier_only.setter
+    def explore_frontier_only(self, v) -> None:
+        self.acceptance.frontier_only = bool(v)
 
     def stats(self) -> dict:
         return {

@@ -27,8 +27,11 @@ pads every chunk to the longest as before, "per-head" is also padded with
 one SDPA head per query head (the attention before both changes). The price
 is the same model's (profiled with "split") for all.
 
+- mixed N (with --mixed N[,N]): chunk lengths q - d and q + d, d = 1..N in turn,
+  the base's tokens in 2N parts, the way a plan of per-request depths runs.
+
     .venv/bin/python scripts/bench_ragged.py [--batch 16,64] [--q 2] [--extra 3,6] [--ctx 48] [--ctx-spread 0]
-        [--steps 40] [--variant split,pad,per-head]
+        [--mixed 1,3] [--steps 40] [--variant split,pad,per-head]
 """
 
 import argparse
@@ -53,12 +56,15 @@ def per_head_attend(q, k, v, mask, scale):
     return out.transpose(1, 2)
 
 
-def shapes(B: int, q: int, extras: list[int]) -> dict[str, list[int]]:
+def shapes(B: int, q: int, extras: list[int], mixed: tuple[int, ...] = ()) -> dict[str, list[int]]:
     out = {"base": [q] * B}
     for e in extras:
         out[f"deep {e}"] = [q + e] + [q] * (B - 1)
         if e <= B:
             out[f"spread {e}"] = [q + 1] * e + [q] * (B - e)
+    for m in mixed:     # pairs (q - d, q + d), d = 1..m in turn: 2m chunk lengths, the base's tokens (B even)
+        pairs = [n for d in range(1, m + 1) for n in (q - d, q + d)]
+        out[f"mixed {m}"] = [pairs[i % len(pairs)] for i in range(B)]
     return out
 
 
@@ -71,6 +77,9 @@ def main() -> None:
     ap.add_argument("--ctx-spread", type=int, default=0,
                     help="sequence s starts at ctx - s %% (spread + 1): unequal contexts, as in serving (a mask in "
                          "every step; 0: equal contexts, so a step of one token each needs none)")
+    ap.add_argument("--mixed", default="",
+                    help="N[,N]: also the shapes 'mixed N': chunk lengths q - d and q + d for d = 1..N in turn (2N "
+                         "parts, the base's tokens at an even batch), as a plan of per-request depths runs (q > N)")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--variant", default="split,pad",
                     help="split (attention per chunk length, grouped heads packed: now), pad (every chunk padded "
@@ -81,6 +90,9 @@ def main() -> None:
     torch.set_num_threads(1)
     batches = [int(v) for v in a.batch.split(",")]
     extras = [int(v) for v in a.extra.split(",")]
+    mixed = tuple(int(v) for v in a.mixed.split(",") if v)
+    if mixed and (max(mixed) >= a.q or any(B % 2 for B in batches)):
+        ap.error(f"--mixed {a.mixed} needs --q above it and even batches")
     print("command:", " ".join([sys.executable, *sys.argv]))
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, 1 thread; load average "
           f"{os.getloadavg()[0]:.2f}")
@@ -92,8 +104,8 @@ def main() -> None:
 
     B_max = max(batches)
     runner = ModelRunner.from_pretrained(build_checkpoint(Path(a.out) / "moe-bench", 0), max_seqs=B_max,
-                                         max_seq_len=a.ctx + a.q + max(extras) + 8)
-    cost = CostModel(runner.config, decode_tokens=a.q + max(extras))
+                                         max_seq_len=a.ctx + a.q + max(extras + list(mixed)) + 8)
+    cost = CostModel(runner.config, decode_tokens=a.q + max(extras + list(mixed)))
     cost.profile(runner, log=print)
     V = runner.config.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -107,7 +119,7 @@ def main() -> None:
     if bad:
         ap.error(f"--variant {bad[0]!r}: expected split, pad or per-head")
     for B in batches:
-        shp = shapes(B, a.q, extras)
+        shp = shapes(B, a.q, extras, mixed)
         times = {(v, k): [] for v in variants for k in shp}
         experts = {k: [] for k in shp}
         ctx = [a.ctx - s % (a.ctx_spread + 1) for s in range(B)]

@@ -96,6 +96,25 @@ def test_acceptance_age_cap_ages_a_large_step_as_that_many_verifications(cap):
     assert est.global_curve[0] == pytest.approx((10 * g + 4 * 0.6) / (10 * g + 10 + 4), rel=1e-12)
 
 
+@pytest.mark.parametrize("frontier_only", [False, True])
+def test_exploration_bonus_reaches_the_frontier_position(frontier_only):
+    """Two-token drafts, the first accepted, the second not: positions 0 and 1
+    are seen every time, 2 never (the frontier). The bonus (explore=1) lifts
+    every position up to the frontier, or the frontier alone."""
+    est = AcceptanceEstimator(4, frontier_only=frontier_only)
+    for step in range(20):
+        est.observe([step], [2], [1])
+    lift = est.estimate([99], explore=1.0)[0] - est.estimate([99])[0]
+    assert lift[2] > 0.05 and lift[3] == 0.0
+    if frontier_only:
+        assert lift[0] == lift[1] == 0.0
+    else:
+        assert lift[0] > 0.0 and lift[1] > 0.0
+    est.frontier_only = not frontier_only          # the cached bonus follows the setting
+    lift2 = est.estimate([99], explore=1.0)[0] - est.estimate([99])[0]
+    assert (lift2[0] > 0.0) == frontier_only
+
+
 def test_acceptance_per_request_follows_its_own_rate():
     est = AcceptanceEstimator(4)
     for _ in range(200):
