@@ -17,14 +17,18 @@ median over the profiles and its range. The distinct experts of each shape
 are the measured ones, so what differs is the price per token, sequence and
 attention unit.
 
-Variants of the profile's large points (`_profile_large`):
+Variants of the profile (its large points, `_profile_large`, unless said):
 - "long": up to 32 sequences, chunks as long as ~384 and ~128 tokens need
   (12 and 4 tokens a sequence), as before;
 - "decode": up to 64 sequences, chunks at most k_max + 1 tokens (6, 2 and 1
   at 64 sequences): the shapes the plan chooses between;
 - "decode32": 32 sequences, chunks at most k_max + 1 tokens (9, 4 and 1);
 - "long+64": "long" with a point of 64 tokens (32 x 2) added, between the
-  knees of 32 and 64 tokens that the profiles pick in turn.
+  knees of 32 and 64 tokens that the profiles pick in turn;
+- "free": the per-expert coefficient fitted with the rest, not pinned to the
+  expert micro-profile (`CostModel.pin_experts`);
+- "wide": the short forwards at up to 8 sequences, not 4 (`forward_seqs`);
+- "wide+free": both.
 
     .venv/bin/python scripts/bench_profile.py [--batch 16,64] [--q 1,2,4,7] [--profiles 4] [--rounds 8]
         [--variant long,decode]
