@@ -108,12 +108,14 @@ class Controller:
                  replan_every: int = 16, reuse_every: int = 4, hedge: float = 1.0, profile: bool = True,
                  profile_budget_s: float = 3.0, learn_budget: float = 0.005, off_probe_every: int = 64,
                  off_probe_gain: float = 0.15, dither_every: int = 0, local_slope_strength: float | None = None,
-                 acceptance_age_cap: int | None = None, explore_frontier_only: bool = False, log=None):
+                 acceptance_age_cap: int | None = None, explore_frontier_only: bool = False,
+                 goodput_by_batch: bool = False, log=None):
         if k_max < 1:
             raise ValueError(f"controller k_max must be >= 1, got {k_max}")
         self.k_max, self.fallback_k, self.mape_bound = k_max, fallback_k, mape_bound
         self.margin, self.max_backoff, self.explore, self.hedge = margin, max_backoff, explore, hedge
         self.acceptance = AcceptanceEstimator(k_max, age_cap=acceptance_age_cap, frontier_only=explore_frontier_only)
+        self.goodput_by_batch = goodput_by_batch
         self.proposer = proposer
         model = getattr(runner, "model", None)
         itemsize = getattr(getattr(model, "dtype", None), "itemsize", 4)
@@ -187,6 +189,7 @@ class Controller:
         self.probes = 0
         self.goodput = 0.0          # committed tokens per second of recent steps (EWMAs of tokens and seconds)
         self._g_tok = self._g_s = 0.0
+        self.goodput_seqs = 0       # the sampled requests of the steps it is of (goodput_by_batch)
         self._observed = 0
 
     # ---- planning --------------------------------------------------------------------------------------------
@@ -439,8 +442,11 @@ class Controller:
         if step_s > 0 and results:
             # A ratio of averages: the average of per-step ratios would be biased upward by noisy step times.
             tok = sum(r[2] + 1 for r in results)
-            if self._g_tok == 0.0:
-                self._g_tok, self._g_s = tok, step_s
+            n = len(results)
+            if self._g_tok == 0.0 or self.goodput_by_batch and abs(n - self.goodput_seqs) > self.goodput_seqs / 8:
+                # goodput_by_batch: the rate of steps of about this many sequences only (a batch's tail of a few
+                # requests does not price its drafts at the full batch's rate)
+                self._g_tok, self._g_s, self.goodput_seqs = tok, step_s, n
             else:
                 self._g_tok, self._g_s = 0.9 * self._g_tok + 0.1 * tok, 0.9 * self._g_s + 0.1 * step_s
             self.goodput = self._g_tok / self._g_s

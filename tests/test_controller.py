@@ -577,6 +577,32 @@ def test_quiet_does_not_hold_over_a_batch_that_arrives(runner):
     assert ctl._quiet_steps == 1 and not any(e.k for e in again)
 
 
+def test_goodput_by_batch_prices_a_tail_at_its_own_rate(runner):
+    """goodput_by_batch: the measured rate drafts are priced against is of
+    steps of about this many sequences. The tail of a batch (2 requests left)
+    is then priced at its own decode step's rate, not the whole batch's, and
+    drafts (a diagnostic of bench_controller's batch-32 cell found auto's last
+    requests decoding one token a step, quiet, for 4 steps at batch 1); the
+    measured rate restarts when the batch changes by more than 1/8."""
+    c = [4e-3, 4e-4, 9e-4, 2.5e-4, 6e-4, 0, 5e-4]
+    ks = {}
+    for by_batch in (False, True):
+        ctl = _controller(runner, c, [0, 0, 0, 0, 0], acceptance=0.9)
+        ctl.goodput_by_batch = by_batch
+        ctl.cost.knee, ctl.goodput, ctl.goodput_seqs = 32.0, 600.0, 32     # as the batch of 32 ran
+        tail = sched_for(2, cap=1, start_id=300)        # a token or two left each
+        ctl.plan(tail, lambda e: True)
+        ks[by_batch] = [e.k for e in tail]
+    assert ks[False] == [0, 0] and min(ks[True]) > 0
+    ctl = _controller(runner, c, [0, 0, 0, 0, 0])
+    ctl.goodput_by_batch = True
+    ctl.observe([(i, 0, 0, True) for i in range(32)], [1.0] * 32, [0] * 32, 0.05, 0.0, 0.05, None)
+    ctl.observe([(i, 0, 0, True) for i in range(30)], [1.0] * 30, [0] * 30, 0.05, 0.0, 0.05, None)
+    assert ctl.goodput_seqs == 32 and ctl.goodput == pytest.approx((0.9 * 32 + 0.1 * 30) / 0.05)   # within 1/8
+    ctl.observe([(0, 0, 0, True), (1, 0, 0, True)], [1.0] * 2, [0] * 2, 0.01, 0.0, 0.01, None)
+    assert ctl.goodput_seqs == 2 and ctl.goodput == pytest.approx(2 / 0.01)
+
+
 def test_steady_load_gives_a_steady_near_optimal_plan(runner):
     """A simulated steady load (true step time from a fixed linear model,
     acceptance 0.7 per position): after warm-up the plan's true expected goodput
