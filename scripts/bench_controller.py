@@ -33,8 +33,9 @@ for both kinds, where a per-request k need not.
 "auto[NAME=VALUE]": auto with those controller settings (attributes of
 router/controller.py's Controller, e.g. margin=0.03, explore=0.0,
 dither_every=8), in the same interleaved run as everything else, so a knob's
-A/B shares the machine's drift; its figures are a table of their own and JSON
-rows of that policy (grid cells only).
+A/B shares the machine's drift; in grid cells its figures are a table of their
+own and JSON rows of that policy; in the traces (--trace) it is a row of the
+trace's table (not of the real-drafter section).
 
 Output: a markdown table per section on stdout, --json (rows {"model", "ep",
 "batch", "alpha", "decay", "policy", "tokens_per_s", "tpot_ms", "mean_k"}; grid
@@ -193,16 +194,17 @@ TRACES = {"mixed": ((1, 0.9), (16, 0.3), (4, 0.7), (64, 0.5), (2, 0.2), (8, 0.9)
           "hetero": ((1, 0.9), (4, (0.9, 0.2)), (16, (0.9, 0.2)), (1, 0.2), (8, (0.9, 0.2)), (2, (0.9, 0.2)))}
 
 
-def run_trace(runner, prompt_pool, conts, phases, ks, reps, new_tokens, seed, V, log, step=True):
-    """Phases [(batch, alpha or alphas)] back to back on one engine per policy."""
+def run_trace(runner, prompt_pool, conts, phases, ks, reps, new_tokens, seed, V, log, step=True, variants=()):
+    """Phases [(batch, alpha or alphas)] back to back on one engine per policy (auto variants included, each
+    pricing with a copy of auto's profile)."""
     from specmoe import SamplingParams
     from specmoe.drafter import SyntheticProposer
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     engines, props = {}, {}
-    for p in policies(ks):
+    for p in policies(ks, variants):
         prop = SyntheticProposer(conts, 0.0, vocab_size=V, seed=seed) if p != "off" else None
         props[p] = prop
-        engines[p] = make_engine(runner_for(runner, step), p, lambda prop=prop: prop)
+        engines[p] = make_engine(runner_for(runner, step), p, lambda prop=prop: prop, engines.get("auto"))
 
     def set_alpha(p, alpha, batch):
         if props[p] is not None:
@@ -243,7 +245,7 @@ def run_trace(runner, prompt_pool, conts, phases, ks, reps, new_tokens, seed, V,
     out = {p: statistics.median(xs) for p, xs in samples.items()}
     # The bound no single-k policy reaches and a per-phase one could: each phase at its fastest policy
     # (medians per phase; "auto" left out), i.e. an oracle that knows the phase and the best k for it.
-    med = {p: [statistics.median(ts) for ts in phase_s[p]] for p in engines if p != "auto"}
+    med = {p: [statistics.median(ts) for ts in phase_s[p]] for p in engines if not p.startswith("auto")}
     best_phase = [min(med, key=lambda p: med[p][i]) for i in range(len(phases))]
     oracle = sum(phase_tokens) / sum(med[p][i] for i, p in enumerate(best_phase))
     return out, oracle, best_phase
@@ -403,7 +405,7 @@ def parse_args(argv):
                          "in turn, wall clock (the EP runner always: its workers are not copied per policy)")
     ap.add_argument("--auto-variant", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
                     help="also run auto with these controller settings, as policy auto[NAME=VALUE], in the same "
-                         "interleaved run (an A/B of a knob, e.g. margin=0.03); repeatable; grid cells only")
+                         "interleaved run (an A/B of a knob, e.g. margin=0.03); repeatable; grid cells and traces")
     ap.add_argument("--out", default=".cache", help="where the bench checkpoints are built or found")
     ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None)
@@ -503,7 +505,7 @@ def main(argv=None) -> int:
             for kind in (args.trace_kind.split(",") if args.trace or args.trace_only else []):
                 phases = [(b, a) for b, a in TRACES[kind] if b <= max_b]     # --batch's largest caps the phases
                 res, oracle, best_phase = run_trace(runner, pool, conts, phases, args.ks_list, args.reps,
-                                                    args.new_tokens, args.seed, V, log, step)
+                                                    args.new_tokens, args.seed, V, log, step, args.auto_variant)
                 best_p = max((p for p in res if p.startswith("k=")), key=res.get)
                 print(f"\n## {kind.capitalize()} trace: {model}, ep {ep}, phases (batch, alpha or alphas cycled over "
                       f"the requests) {phases}\n")
