@@ -334,6 +334,11 @@ class Controller:
         self.overhead_s += plan_s
         return plan_s
 
+    def goodput_is_of(self, seqs: int) -> bool:
+        """Whether the measured goodput is of steps of about `seqs` sequences (within 1/8 of the ones it
+        restarted at; goodput_by_batch restarts it, and the plan reads it, only then)."""
+        return abs(seqs - self.goodput_seqs) <= self.goodput_seqs / 8
+
     def _base_known(self, seqs: int) -> bool:
         """Whether an undrafted step of about `seqs` sequences fed the cost model lately (off probes)."""
         since = self._observed - self.off_probe_every
@@ -443,7 +448,7 @@ class Controller:
             # A ratio of averages: the average of per-step ratios would be biased upward by noisy step times.
             tok = sum(r[2] + 1 for r in results)
             n = len(results)
-            if self._g_tok == 0.0 or self.goodput_by_batch and abs(n - self.goodput_seqs) > self.goodput_seqs / 8:
+            if self._g_tok == 0.0 or self.goodput_by_batch and not self.goodput_is_of(n):
                 # goodput_by_batch: the rate of steps of about this many sequences only (a batch's tail of a few
                 # requests does not price its drafts at the full batch's rate)
                 self._g_tok, self._g_s, self.goodput_seqs = tok, step_s, n

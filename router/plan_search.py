@@ -82,7 +82,7 @@ def greedy_plan(ctl, sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag_a
     # The price of a second: what this step makes of it, or what recent steps did if that is
     # more (a prefill-heavy step's own rate undervalues the time its drafts would add).
     g_ref = ctl.goodput
-    if ctl.goodput_by_batch and abs(sampling - ctl.goodput_seqs) > ctl.goodput_seqs / 8:
+    if ctl.goodput_by_batch and not ctl.goodput_is_of(sampling):
         g_ref = 0.0     # measured at another batch (the tail of one): this batch's decode step stands in
     if not g_ref:
         # No step measured yet (an engine's first): a prompt's prefill step's own rate is what its drafts
