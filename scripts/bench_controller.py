@@ -35,7 +35,13 @@ router/controller.py's Controller, e.g. margin=0.03, explore=0.0,
 dither_every=8), in the same interleaved run as everything else, so a knob's
 A/B shares the machine's drift; in grid cells its figures are a table of their
 own and JSON rows of that policy; in the traces (--trace) it is a row of the
-trace's table (not of the real-drafter section).
+trace's table; with the real drafters (--real) a table of their own again.
+
+`--step-log FILE` keeps each policy's steps of a cell's (a trace's, a real
+drafter cell's) last repetition, one JSON line a step (requests, sampled,
+draft lengths, accepted, committed, own-clock ms; for auto the goodput it
+prices with), and prints them grouped by how many requests a step sampled:
+where a policy gains or loses, e.g. in a batch's tail of a few requests.
 
 Output: a markdown table per section on stdout, --json (rows {"model", "ep",
 "batch", "alpha", "decay", "policy", "tokens_per_s", "tpot_ms", "mean_k"}; grid
@@ -59,7 +65,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_forward import cpu_model, loadavg  # noqa: E402
 from bench_spec import git_revision, rotate  # noqa: E402
-from lockstep import Clock, lockstep, own_runner  # noqa: E402
+from lockstep import Clock, lockstep, own_runner, step_summary  # noqa: E402
 from make_moe_bench import build_checkpoint, build_dense_checkpoint  # noqa: E402
 
 KS = list(range(1, 9))
@@ -95,13 +101,19 @@ def variant_knobs() -> set:
     return set(inspect.signature(Controller.__init__).parameters) - FIXED_AT_START - {"self"}
 
 
-def make_engine(runner, policy, proposer_factory, profiled=None):
-    """The engine of a policy. profiled: an "auto" engine whose start-up
+def make_engine(runner, policy, proposer_factory=None, profiled=None, spec=None):
+    """The engine of a policy, drafting with proposer_factory() (the synthetic drafter) or else with the
+    drafter the speculation config `spec` names (the real ones). profiled: an "auto" engine whose start-up
     profile a variant takes over (a copy of its cost model before any step),
     so that an A/B differs by the knob, not by two profiles of a noisy
     machine (on moe-bench four profiles priced the same step increment at
     0.85-2.18x of its time, docs/BENCHMARKS.md "Session 12")."""
     from specmoe import Engine
+
+    def build(**speculation):
+        if proposer_factory is None:
+            return Engine(runner, speculation={**(spec or {}), **speculation})
+        return Engine(runner, proposer=proposer_factory(), speculation=speculation)
     if policy == "off":
         return Engine(runner)
     if policy.startswith("auto"):
@@ -109,17 +121,17 @@ def make_engine(runner, policy, proposer_factory, profiled=None):
             # No profile of its own (about 5 s a variant a cell): the engine's controller is unprofiled and
             # prices with a copy of auto's cost model (the engine reads `controller is not None` as auto).
             from specmoe.router.controller import Controller
-            eng = Engine(runner, proposer=proposer_factory(), speculation={"k": max(KS)})
+            eng = build(k=max(KS))
             eng.controller = Controller(runner, eng.proposer, k_max=max(KS), profile=False)
             eng.controller.cost = copy.deepcopy(profiled.controller.cost)
         else:
-            eng = Engine(runner, proposer=proposer_factory(), speculation={"k": max(KS), "auto": True})
+            eng = build(k=max(KS), auto=True)
         for name, value in variant_settings(policy).items():    # before any step: the controller's knobs
             if not hasattr(eng.controller, name):
                 raise SystemExit(f"--auto-variant: the controller has no setting {name!r}")
             setattr(eng.controller, name, value)
         return eng
-    return Engine(runner, proposer=proposer_factory(), speculation={"k": int(policy[2:])})
+    return build(k=int(policy[2:]))
 
 
 def timed_generate(eng, prompts, params):
@@ -134,19 +146,23 @@ def timed_generate(eng, prompts, params):
     return clock.tokens / wall, clock.tpot_ms(), clock.mean_k(), clock.k_histogram()
 
 
-def interleaved(engines, prompts, params, reps, step=True):
+def interleaved(engines, prompts, params, reps, step=True, steps_out=None):
     """Each engine runs the prompts once untimed (warm-up; "auto" learns there),
     then `reps` timed times: {policy: [samples]}. step: all engines at once, one
     step each in turn (scripts/lockstep.py; each engine owns its runner), each
     timed by its own steps; else each engine's whole run in turn, the order
-    rotated by repetition, timed by the wall clock."""
+    rotated by repetition, timed by the wall clock. steps_out (a dict, step
+    only): filled with {policy: the last repetition's step records}."""
     if step:
         phases = [(prompts, params, None)]
         lockstep(engines, phases)
         samples = {p: [] for p in engines}
         for r in range(reps):
-            for p, c in lockstep(engines, phases, start=r).items():
+            keep = steps_out is not None and r == reps - 1
+            for p, c in lockstep(engines, phases, start=r, keep_steps=keep).items():
                 samples[p].append((c.tokens / c.seconds, c.tpot_ms(), c.mean_k(), c.k_histogram()))
+                if keep:
+                    steps_out[p] = c.steps
         return samples
     for eng in engines.values():
         timed_generate(eng, prompts, params)
@@ -163,7 +179,8 @@ def runner_for(runner, step):
     return own_runner(runner) if step else runner
 
 
-def run_cell(runner, prompts, conts, batch, alpha, decay, ks, reps, new_tokens, seed, V, step=True, variants=()):
+def run_cell(runner, prompts, conts, batch, alpha, decay, ks, reps, new_tokens, seed, V, step=True, variants=(),
+             steps_out=None):
     from specmoe import SamplingParams
     from specmoe.drafter import SyntheticProposer
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
@@ -173,7 +190,7 @@ def run_cell(runner, prompts, conts, batch, alpha, decay, ks, reps, new_tokens, 
     engines = {}
     for p in policies(ks, variants):            # "auto" before its variants, which take over its profile
         engines[p] = make_engine(runner_for(runner, step), p, factory, engines.get("auto"))
-    samples = interleaved(engines, prompts, params, reps, step)
+    samples = interleaved(engines, prompts, params, reps, step, steps_out)
     out = {}
     for p, xs in samples.items():
         out[p] = {"tokens_per_s": statistics.median(x[0] for x in xs), "tpot_ms": statistics.median(x[1] for x in xs),
@@ -194,9 +211,11 @@ TRACES = {"mixed": ((1, 0.9), (16, 0.3), (4, 0.7), (64, 0.5), (2, 0.2), (8, 0.9)
           "hetero": ((1, 0.9), (4, (0.9, 0.2)), (16, (0.9, 0.2)), (1, 0.2), (8, (0.9, 0.2)), (2, (0.9, 0.2)))}
 
 
-def run_trace(runner, prompt_pool, conts, phases, ks, reps, new_tokens, seed, V, log, step=True, variants=()):
+def run_trace(runner, prompt_pool, conts, phases, ks, reps, new_tokens, seed, V, log, step=True, variants=(),
+              steps_out=None):
     """Phases [(batch, alpha or alphas)] back to back on one engine per policy (auto variants included, each
-    pricing with a copy of auto's profile)."""
+    pricing with a copy of auto's profile). steps_out (a dict, step only): filled with {policy: the last
+    repetition's step records}."""
     from specmoe import SamplingParams
     from specmoe.drafter import SyntheticProposer
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
@@ -218,7 +237,10 @@ def run_trace(runner, prompt_pool, conts, phases, ks, reps, new_tokens, seed, V,
         if step:
             jobs = {p: [(prompt_pool[:b], params, lambda p=p, a=a, b=b: set_alpha(p, a, b)) for b, a in phases]
                     for p in engines}
-            for p, c in lockstep(engines, jobs, start=r).items():
+            keep = steps_out is not None and r == reps
+            for p, c in lockstep(engines, jobs, start=r, keep_steps=keep).items():
+                if keep:
+                    steps_out[p] = c.steps
                 phase_tokens[:] = c.phase_tokens
                 if r:
                     samples[p].append(c.tokens / c.seconds)
@@ -273,7 +295,7 @@ def run_real(args, log):
     if unknown:
         raise SystemExit(f"--drafters: unknown {sorted(unknown)}; choose from {sorted(drafters)}")
     drafters = {n: d for n, d in drafters.items() if n in args.drafters.split(",")}
-    rows, table = [], []
+    rows, table, vtable = [], [], []
     step = args.interleave == "step"
     for name, spec in drafters.items():
         for batch in args.batch_list:
@@ -283,17 +305,16 @@ def run_real(args, log):
             prompts = pool[:max(batch, args.real_prompts)]
             params = SamplingParams(max_tokens=tokens_for(args, len(prompts)), ignore_eos=True)
             engines = {}
-            for p in policies(args.ks_list):
-                runner = runner_for(base, step)
-                if p == "off":
-                    engines[p] = Engine(runner)
-                elif p == "auto":
-                    engines[p] = Engine(runner, speculation={**spec, "k": max(KS), "auto": True})
-                else:
-                    engines[p] = Engine(runner, speculation={**spec, "k": int(p[2:])})
-            samples = interleaved(engines, prompts, params, args.reps, step)
+            for p in policies(args.ks_list, args.auto_variant):    # "auto" before its variants (its profile)
+                engines[p] = make_engine(runner_for(base, step), p, None, engines.get("auto"), spec)
+            steps_out = {} if args.step_fh and step else None
+            samples = interleaved(engines, prompts, params, args.reps, step, steps_out)
+            for e in engines.values():
+                e.close()
             res = {p: statistics.median(x[0] for x in xs) for p, xs in samples.items()}
             mean_k = statistics.mean(x[2] for x in samples["auto"])
+            if steps_out:
+                write_step_log(args.step_fh, {"section": "real", "drafter": name, "batch": batch}, steps_out, res)
             for p, xs in samples.items():
                 rows.append({"model": "tiny-moe (bundled)", "drafter": name, "ep": 1, "batch": batch, "alpha": None,
                              "decay": None, "policy": p, "tokens_per_s": res[p],
@@ -301,14 +322,25 @@ def run_real(args, log):
                              "mean_k": statistics.mean(x[2] for x in xs)})
             best_p = max((p for p in res if p.startswith("k=")), key=res.get)
             table.append((name, batch, res["off"], best_p, res[best_p], res["auto"], mean_k))
+            for v in args.auto_variant:
+                vtable.append((name, batch, v, res["auto"], res[f"auto[{v}]"], res[best_p],
+                               statistics.mean(x[2] for x in samples[f"auto[{v}]"])))
             log(f"real {name} batch={batch}: off {res['off']:.0f}, best {best_p} {res[best_p]:.0f}, "
-                f"auto {res['auto']:.0f} (mean k {mean_k:.2f})")
+                f"auto {res['auto']:.0f} (mean k {mean_k:.2f})"
+                + "".join(f"; auto[{v}] {res[f'auto[{v}]']:.0f}" for v in args.auto_variant))
     print("\n## Real drafters: bundled tiny-moe, held-out prompts, committed tokens/s\n")
     print("| drafter | batch | off | best fixed k | auto | auto mean k | auto / best | auto / off |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, b, off, bp, best, auto, mk in table:
         print(f"| {name} | {b} | {off:.0f} | {best:.0f} ({bp}) | {auto:.0f} | {mk:.2f} | {auto / best:.2f}x | "
               f"{auto / off:.2f}x |")
+    if vtable:
+        print("\n## Real drafters: auto variants (the same interleaved runs)\n")
+        print("| drafter | batch | variant | auto | variant | variant / auto | variant / best fixed k | "
+              "variant mean k |")
+        print("|---|---:|---|---:|---:|---:|---:|---:|")
+        for name, b, v, auto, tv, best, mv in vtable:
+            print(f"| {name} | {b} | {v} | {auto:.0f} | {tv:.0f} | {tv / auto:.2f}x | {tv / best:.2f}x | {mv:.2f} |")
     return rows
 
 
@@ -316,6 +348,23 @@ def k_shares(hist: dict) -> str:
     """{k: request-steps} as 'k:share%' for the timed repetitions."""
     n = sum(hist.values())
     return " ".join(f"{k}:{100 * v / n:.0f}%" for k, v in sorted(hist.items())) if n else "-"
+
+
+def write_step_log(fh, key: dict, steps_out: dict, res: dict) -> None:
+    """--step-log: every policy's step records of the last repetition as JSON lines under `key`, and on
+    stdout, for "off", the fastest fixed k and every auto policy, the steps grouped by how many requests they
+    sampled (where in a batch's life a policy gains or loses: its full stretch or its tail)."""
+    for p, steps in steps_out.items():
+        for st in steps:
+            fh.write(json.dumps({**key, "policy": p, **st}) + "\n")
+    fh.flush()
+    best_p = max((p for p in res if p.startswith("k=")), key=res.get)
+    print(f"\n### Steps of the last repetition by requests sampled: {key}\n")
+    print("| policy | requests sampled | steps | ms a step | committed tokens/s | mean k |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for p in ["off", best_p] + [p for p in steps_out if p.startswith("auto")]:
+        for label, n, ms, tps, mk in step_summary(steps_out[p]):
+            print(f"| {p} | {label} | {n} | {ms:.2f} | {tps:.0f} | {mk:.2f} |")
 
 
 def fmt_cell(res, ks):
@@ -405,7 +454,10 @@ def parse_args(argv):
                          "in turn, wall clock (the EP runner always: its workers are not copied per policy)")
     ap.add_argument("--auto-variant", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
                     help="also run auto with these controller settings, as policy auto[NAME=VALUE], in the same "
-                         "interleaved run (an A/B of a knob, e.g. margin=0.03); repeatable; grid cells and traces")
+                         "interleaved run (an A/B of a knob, e.g. margin=0.03); repeatable; grid cells, traces and the real drafters")
+    ap.add_argument("--step-log", default=None, metavar="FILE",
+                    help="write every policy's steps of each cell's (and trace's) last repetition as JSON lines "
+                         "to FILE, and print them grouped by requests sampled (needs --interleave step)")
     ap.add_argument("--out", default=".cache", help="where the bench checkpoints are built or found")
     ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None)
@@ -430,6 +482,8 @@ def parse_args(argv):
         if bad:
             ap.error(f"--auto-variant {v!r}: {bad[0]!r} is not a controller setting a variant can change "
                      f"(one of {', '.join(sorted(knobs))})")
+    if a.step_log and a.interleave != "step":
+        ap.error("--step-log needs --interleave step (the records are of each engine's own steps)")
     if len(set(a.auto_variant)) != len(a.auto_variant):
         ap.error("--auto-variant: the same variant given twice")
     a.alpha_list = [float(x) for x in a.alpha.split(",") if x]
@@ -463,6 +517,7 @@ def main(argv=None) -> int:
     builders = {"moe-bench": build_checkpoint, "dense-bench": build_dense_checkpoint}
     rows, summary, variants = [], [], []
     max_b = max(args.batch_list)
+    args.step_fh = open(args.step_log, "w") if args.step_log else None
     for model in ([] if args.real_only else args.models):
         path = builders[model](root / model, args.seed)
         for ep in args.ep_list:
@@ -484,8 +539,14 @@ def main(argv=None) -> int:
                 for decay in args.decay_list:
                     for batch in args.batch_list:
                         for alpha in args.alpha_list:
+                            steps_out = {} if args.step_fh and step else None
                             res = run_cell(runner, pool[:batch], conts, batch, alpha, decay, args.ks_list,
-                                           args.reps, tokens_for(args, batch), args.seed, V, step, args.auto_variant)
+                                           args.reps, tokens_for(args, batch), args.seed, V, step, args.auto_variant,
+                                           steps_out)
+                            if steps_out:
+                                write_step_log(args.step_fh, {"section": "grid", "model": model, "ep": ep,
+                                                              "batch": batch, "alpha": alpha, "decay": decay},
+                                               steps_out, {p: r["tokens_per_s"] for p, r in res.items()})
                             for p, r in res.items():
                                 rows.append({"model": model, "ep": ep, "batch": batch, "alpha": alpha,
                                              "decay": decay, "policy": p, "tokens_per_s": r["tokens_per_s"],
@@ -504,8 +565,13 @@ def main(argv=None) -> int:
                                                  best, res["auto"]["mean_k"], r["mean_k"]))
             for kind in (args.trace_kind.split(",") if args.trace or args.trace_only else []):
                 phases = [(b, a) for b, a in TRACES[kind] if b <= max_b]     # --batch's largest caps the phases
+                steps_out = {} if args.step_fh and step else None
                 res, oracle, best_phase = run_trace(runner, pool, conts, phases, args.ks_list, args.reps,
-                                                    args.new_tokens, args.seed, V, log, step, args.auto_variant)
+                                                    args.new_tokens, args.seed, V, log, step, args.auto_variant,
+                                                    steps_out)
+                if steps_out:
+                    write_step_log(args.step_fh, {"section": f"trace {kind}", "model": model, "ep": ep},
+                                   steps_out, res)
                 best_p = max((p for p in res if p.startswith("k=")), key=res.get)
                 print(f"\n## {kind.capitalize()} trace: {model}, ep {ep}, phases (batch, alpha or alphas cycled over "
                       f"the requests) {phases}\n")
@@ -549,6 +615,9 @@ def main(argv=None) -> int:
                   f"{sum(r >= 0.97 for r in rs)}/{len(rs)}")
     if args.real or args.real_only:
         rows += run_real(args, log)
+    if args.step_fh:
+        args.step_fh.close()
+        print(f"\nstep records written to {args.step_log}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
         print(f"\nrows written to {args.json}")

@@ -18,13 +18,15 @@ import time
 class Clock:
     """What one engine's generation measured on its own time: the sum of its steps."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, keep_steps: bool = False):
         self.engine = engine
         self.seconds = 0.0
         self.tokens = 0
         self.first, self.last, self.count = {}, {}, {}     # request index -> own-clock time, tokens
         self.phase_s, self.phase_tokens = [], []
         self._k0 = dict(engine.telemetry.k_histogram)
+        # keep_steps: one record per step (`step_record`), for a per-step log of where the time went
+        self.steps: list[dict] | None = [] if keep_steps else None
 
     def record(self, key, n: int, at: float) -> None:
         """n tokens of request `key` committed at `at` seconds (this clock's time)."""
@@ -64,20 +66,56 @@ def generation(clock: Clock, phases):
         while eng.has_work:
             t0 = time.perf_counter()
             events = eng.step()
-            clock.seconds += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            clock.seconds += dt
             for _, chunk in events:
                 if chunk.token_ids:
                     clock.record((n, chunk.index), len(chunk.token_ids), clock.seconds)
+            if clock.steps is not None:
+                clock.steps.append(step_record(eng, n, dt))
             yield
         clock.phase_s.append(clock.seconds - t_phase)
         clock.phase_tokens.append(clock.tokens - tok_phase)
 
 
-def lockstep(engines: dict, phases, start: int = 0) -> dict:
+def step_record(eng, phase: int, seconds: float) -> dict:
+    """One step as the engine reported it: phase, requests in it, sampled ones
+    (prompt parts are not), their draft lengths, drafts accepted, tokens
+    committed, its time on this clock; for "auto" also the measured goodput
+    the next plan prices with (tokens/s) and the sequence count it is of."""
+    r = eng.last_step
+    out = {"phase": phase, "requests": r.num_requests, "sampled": len(r.k), "k": list(r.k),
+           "accepted": r.accepted_tokens, "committed": r.committed_tokens, "ms": round(seconds * 1e3, 3)}
+    ctl = getattr(eng, "controller", None)
+    if ctl is not None:
+        out.update(goodput=round(ctl.goodput, 1), goodput_seqs=ctl.goodput_seqs, quiet=bool(ctl.quiet),
+                   fallback=bool(ctl.fallback))
+    return out
+
+
+def step_summary(steps: list[dict]) -> list[tuple]:
+    """Steps grouped by how many requests they sampled (1, 2-3, 4-7, ... powers of two):
+    (group label, steps, mean ms a step, committed tokens/s, mean k per sampled request)."""
+    groups: dict[int, list[dict]] = {}
+    for s in steps:
+        if s["sampled"]:
+            groups.setdefault(s["sampled"].bit_length(), []).append(s)
+    out = []
+    for b, xs in sorted(groups.items()):
+        lo, hi = 1 << (b - 1), (1 << b) - 1
+        ms = sum(x["ms"] for x in xs)
+        ks = [k for x in xs for k in x["k"]]
+        out.append((f"{lo}" if lo == hi else f"{lo}-{hi}", len(xs), ms / len(xs),
+                    sum(x["committed"] for x in xs) / ms * 1e3, sum(ks) / len(ks)))
+    return out
+
+
+def lockstep(engines: dict, phases, start: int = 0, keep_steps: bool = False) -> dict:
     """Every engine of {name: Engine} runs `phases` (see `generation`; a dict
     {name: phases} where they differ, e.g. in their `before`), one step each
-    in turn, round r in the order rotated by start + r; {name: Clock}."""
-    clocks = {name: Clock(e) for name, e in engines.items()}
+    in turn, round r in the order rotated by start + r; {name: Clock}
+    (keep_steps: each Clock keeps a record per step)."""
+    clocks = {name: Clock(e, keep_steps) for name, e in engines.items()}
     live = [(name, generation(c, phases[name] if isinstance(phases, dict) else phases))
             for name, c in clocks.items()]
     r = start
