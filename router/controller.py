@@ -108,8 +108,8 @@ class Controller:
                  replan_every: int = 16, reuse_every: int = 4, hedge: float = 1.0, profile: bool = True,
                  profile_budget_s: float = 3.0, learn_budget: float = 0.005, off_probe_every: int = 64,
                  off_probe_gain: float = 0.15, dither_every: int = 0, local_slope_strength: float | None = None,
-                 acceptance_age_cap: int | None = None, explore_frontier_only: bool = False,
-                 goodput_by_batch: bool = False, log=None):
+                 acceptance_age_cap: int | None = 2, explore_frontier_only: bool = True,
+                 goodput_by_batch: bool = True, log=None):
         if k_max < 1:
             raise ValueError(f"controller k_max must be >= 1, got {k_max}")
         self.k_max, self.fallback_k, self.mape_bound = k_max, fallback_k, mape_bound
@@ -336,8 +336,8 @@ class Controller:
 
     def goodput_is_of(self, seqs: int) -> bool:
         """Whether the measured goodput is of steps of about `seqs` sequences (within 1/8 of the ones it
-        restarted at; goodput_by_batch restarts it, and the plan reads it, only then)."""
-        return abs(seqs - self.goodput_seqs) <= self.goodput_seqs / 8
+        restarted at, or 1; goodput_by_batch restarts it, and the plan reads it, only then)."""
+        return abs(seqs - self.goodput_seqs) <= max(1.0, self.goodput_seqs / 8)
 
     def _base_known(self, seqs: int) -> bool:
         """Whether an undrafted step of about `seqs` sequences fed the cost model lately (off probes)."""

@@ -545,9 +545,11 @@ def test_fallback_to_static_k_when_the_model_is_wrong(runner):
 
 
 def test_quiet_does_not_hold_over_a_batch_that_arrives(runner):
-    """The last plan of a batch prices its tail (2 requests, 1 token left to draft
-    each) against the rate the whole batch ran at, so it drafts nothing and the
-    controller turns quiet. A batch of 32 that arrives then is planned as a
+    """The last plan of a batch's tail (2 requests, 1 token left to draft each)
+    is priced against a measured rate of its own steps (600 tokens/s) that no
+    draft beats, so it drafts nothing and the controller turns quiet (before
+    goodput_by_batch became the default the tail had the whole batch's rate).
+    A batch of 32 that arrives then is planned as a
     controller that never saw the tail plans it (in bench_controller's moe-bench
     batch 32 alpha 0.9 cell the quiet state carried over from one repetition into
     the next, which drafted nothing for its first 8 steps of 32: mean k 2, 0.8x the
@@ -557,7 +559,7 @@ def test_quiet_does_not_hold_over_a_batch_that_arrives(runner):
 
     def ctl_at(goodput):
         ctl = _controller(runner, c, [0, 0, 0, 0, 0], acceptance=0.9)
-        ctl.cost.knee, ctl.goodput = 32.0, goodput
+        ctl.cost.knee, ctl.goodput, ctl.goodput_seqs = 32.0, goodput, 2
         return ctl
     ctl, fresh = ctl_at(600.0), ctl_at(600.0)
     tail = sched_for(2, cap=1, start_id=300)
@@ -568,7 +570,7 @@ def test_quiet_does_not_hold_over_a_batch_that_arrives(runner):
     fresh.plan(ref, lambda e: True)
     assert [e.k for e in batch] == [e.k for e in ref] and np.mean([e.k for e in ref]) >= 4
     assert not ctl.quiet
-    ctl.goodput = 1e5                                    # now no draft can pay: one full plan, then quiet steps
+    ctl.goodput, ctl.goodput_seqs = 1e5, 32              # now no draft can pay: one full plan, then quiet steps
     later = sched_for(32, start_id=500)
     ctl.plan(later, lambda e: True)
     assert ctl.quiet and not any(e.k for e in later)
@@ -583,7 +585,8 @@ def test_goodput_by_batch_prices_a_tail_at_its_own_rate(runner):
     is then priced at its own decode step's rate, not the whole batch's, and
     drafts (a diagnostic of bench_controller's batch-32 cell found auto's last
     requests decoding one token a step, quiet, for 4 steps at batch 1); the
-    measured rate restarts when the batch changes by more than 1/8."""
+    measured rate restarts when the batch changes by more than 1/8 (or 1). It
+    is the default; the test sets it both ways."""
     c = [4e-3, 4e-4, 9e-4, 2.5e-4, 6e-4, 0, 5e-4]
     ks = {}
     for by_batch in (False, True):
@@ -601,6 +604,12 @@ def test_goodput_by_batch_prices_a_tail_at_its_own_rate(runner):
     assert ctl.goodput_seqs == 32 and ctl.goodput == pytest.approx((0.9 * 32 + 0.1 * 30) / 0.05)   # within 1/8
     ctl.observe([(0, 0, 0, True), (1, 0, 0, True)], [1.0] * 2, [0] * 2, 0.01, 0.0, 0.01, None)
     assert ctl.goodput_seqs == 2 and ctl.goodput == pytest.approx(2 / 0.01)
+    # at a small batch one request more or less is the same batch (continuous batching's churn does not
+    # restart the rate every step); two more is not
+    ctl.observe([(i, 0, 0, True) for i in range(3)], [1.0] * 3, [0] * 3, 0.01, 0.0, 0.01, None)
+    assert ctl.goodput_seqs == 2 and ctl.goodput == pytest.approx((0.9 * 2 + 0.1 * 3) / 0.01)
+    ctl.observe([(i, 0, 0, True) for i in range(4)], [1.0] * 4, [0] * 4, 0.01, 0.0, 0.01, None)
+    assert ctl.goodput_seqs == 4 and ctl.goodput == pytest.approx(4 / 0.01)
 
 
 def test_steady_load_gives_a_steady_near_optimal_plan(runner):
@@ -673,7 +682,9 @@ def test_auto_is_lossless_with_a_synthetic_drafter(runner, plain, alpha):
     if alpha == 1.0:
         assert sum(k * v for k, v in hist.items()) / sum(hist.values()) > 2 and curve[0] > 0.9
     if alpha == 0.0:     # whether k stays 0 depends on the price of a token, which is ~0 on this tiny model
-        assert curve[0] < 0.1
+        # The curve is a posterior over a prior of 0.6 (4 pseudo-verifications): how far below it falls
+        # depends on how many drafts the plans (timed on this machine) verified, 0.06-0.10 in practice.
+        assert eng.telemetry.accepted_tokens == 0 and eng.telemetry.draft_tokens > 0 and curve[0] < 0.6 / 4
 
 
 def test_auto_skips_the_drafter_when_nothing_should_draft(tmp_path):
