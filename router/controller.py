@@ -16,7 +16,11 @@ request's first drafts only by more than the cost model's recent error can
 explain, dV > G * dT * (1 + margin + hedge * MAPE) (the hedge guards drafting
 at all against "off"; past the first draft a wrong price cuts both ways), where G
 is the larger of the plan's own rate V / T and the recent steps' measured
-rate (a prefill-heavy step's own rate undervalues the time its drafts add).
+rate (a prefill-heavy step's own rate undervalues the time its drafts add),
+measured over steps of about this many sequences (`goodput_by_batch`: within
+1/8 or one; else the decode step of the step's sampled requests, as priced,
+stands in, so a batch's tail of a few requests is not priced at the rate the
+whole batch ran at).
 Extensions of several tokens are priced whole, so a drafter's fixed cost
 (paid once, by the first request that drafts) does not stop a plan that pays
 only beyond one token. When that climb stops, every uniform depth (all
@@ -109,13 +113,13 @@ class Controller:
                  profile_budget_s: float = 3.0, learn_budget: float = 0.005, off_probe_every: int = 64,
                  off_probe_gain: float = 0.15, dither_every: int = 0, local_slope_strength: float | None = None,
                  acceptance_age_cap: int | None = 2, explore_frontier_only: bool = True,
-                 goodput_by_batch: bool = True, log=None):
+                 goodput_by_batch: bool = True, goodput_decode_only: bool = True, log=None):
         if k_max < 1:
             raise ValueError(f"controller k_max must be >= 1, got {k_max}")
         self.k_max, self.fallback_k, self.mape_bound = k_max, fallback_k, mape_bound
         self.margin, self.max_backoff, self.explore, self.hedge = margin, max_backoff, explore, hedge
         self.acceptance = AcceptanceEstimator(k_max, age_cap=acceptance_age_cap, frontier_only=explore_frontier_only)
-        self.goodput_by_batch = goodput_by_batch
+        self.goodput_by_batch, self.goodput_decode_only = goodput_by_batch, goodput_decode_only
         self.proposer = proposer
         model = getattr(runner, "model", None)
         itemsize = getattr(getattr(model, "dtype", None), "itemsize", 4)
@@ -187,7 +191,7 @@ class Controller:
         self.step_s = 0.0           # the steps' own time, summed (for the overhead fraction)
         self.cooldowns = 0
         self.probes = 0
-        self.goodput = 0.0          # committed tokens per second of recent steps (EWMAs of tokens and seconds)
+        self.goodput = 0.0          # committed tokens per second of recent decode steps (EWMAs of tokens, seconds)
         self._g_tok = self._g_s = 0.0
         self.goodput_seqs = 0       # the sampled requests of the steps it is of (goodput_by_batch)
         self._observed = 0
@@ -444,7 +448,11 @@ class Controller:
                 self.fallback = True
             elif self.fallback and mape < self.mape_bound / 1.5:
                 self.fallback = False
-        if step_s > 0 and results:
+        if step_s > 0 and results and not (self.goodput_decode_only and sum(q) > len(results) + sum(drafts)):
+            # goodput_decode_only: decode steps only (no prompt tokens in them), since a prefill-heavy step's
+            # rate is what the measured one stands in for (on moe-bench a batch's first step, 64 prompts,
+            # restarted goodput_by_batch's rate at 78 tokens/s, against ~560 decoding, and it took the
+            # batch's whole life to climb back).
             # A ratio of averages: the average of per-step ratios would be biased upward by noisy step times.
             tok = sum(r[2] + 1 for r in results)
             n = len(results)

@@ -89,7 +89,25 @@ def step_record(eng, phase: int, seconds: float) -> dict:
     ctl = getattr(eng, "controller", None)
     if ctl is not None:
         out.update(goodput=round(ctl.goodput, 1), goodput_seqs=ctl.goodput_seqs, quiet=bool(ctl.quiet),
-                   fallback=bool(ctl.fallback))
+                   fallback=bool(ctl.fallback), priced_ms=priced_uniform(ctl, eng.scheduler.running))
+    return out
+
+
+PRICED_KS = (0, 1, 2, 3, 4, 8)
+
+
+def priced_uniform(ctl, running) -> dict:
+    """The cost model's price (ms) of a next step in which every running request decodes with k drafts,
+    for k in PRICED_KS: what the plan weighs, to set beside the steps fixed-k engines measured. Runs after
+    the step's clock stopped."""
+    ctx = [r.num_cached for r in running]
+    if not ctx:
+        return {}
+    out = {}
+    for k in PRICED_KS:
+        x = ctl.cost.target_features([1 + k] * len(ctx), ctx)
+        z = ctl.cost.draft_features([k] * len(ctx))
+        out[k] = round(ctl.cost.predict(x, z) * 1e3, 2)
     return out
 
 

@@ -610,6 +610,20 @@ def test_goodput_by_batch_prices_a_tail_at_its_own_rate(runner):
     assert ctl.goodput_seqs == 2 and ctl.goodput == pytest.approx((0.9 * 2 + 0.1 * 3) / 0.01)
     ctl.observe([(i, 0, 0, True) for i in range(4)], [1.0] * 4, [0] * 4, 0.01, 0.0, 0.01, None)
     assert ctl.goodput_seqs == 4 and ctl.goodput == pytest.approx(4 / 0.01)
+    # a step with prompt tokens in it (here 8 requests arriving, one finishing its prompt) is not a decode
+    # rate: it neither restarts the rate nor moves it
+    ctl.observe([(i, 0, 0, True) for i in range(9)], [1.0] * 4 + [30.0] * 5, [0] * 9, 0.2, 0.0, 0.2, None)
+    assert ctl.goodput_seqs == 4 and ctl.goodput == pytest.approx(4 / 0.01)
+
+
+def test_the_measured_rate_starts_at_the_first_decode_step(runner):
+    """An engine's first steps are prefills: the measured rate waits for a decode step (with drafts
+    verified in it: their accepted tokens count)."""
+    ctl = _controller(runner, [1e-3, 0, 2e-4, 0, 0, 0], [5e-4, 0, 4e-4, 0, 0])
+    ctl.observe([(0, 0, 0, True), (1, 0, 0, True)], [40.0, 25.0], [0, 0], 0.3, 0.0, 0.3, None)
+    assert ctl.goodput == 0.0 and ctl.goodput_seqs == 0
+    ctl.observe([(0, 3, 2, True), (1, 3, 0, True)], [4.0, 4.0], [3, 3], 0.02, 0.005, 0.025, None)
+    assert ctl.goodput_seqs == 2 and ctl.goodput == pytest.approx(4 / 0.025)
 
 
 def test_steady_load_gives_a_steady_near_optimal_plan(runner):
