@@ -113,7 +113,8 @@ class Controller:
                  profile_budget_s: float = 3.0, learn_budget: float = 0.005, off_probe_every: int = 64,
                  off_probe_gain: float = 0.15, dither_every: int = 0, local_slope_strength: float | None = None,
                  acceptance_age_cap: int | None = 2, explore_frontier_only: bool = True,
-                 goodput_by_batch: bool = True, goodput_decode_only: bool = True, log=None):
+                 goodput_by_batch: bool = True, goodput_decode_only: bool = True, draft_probe_every: int = 0,
+                 log=None):
         if k_max < 1:
             raise ValueError(f"controller k_max must be >= 1, got {k_max}")
         self.k_max, self.fallback_k, self.mape_bound = k_max, fallback_k, mape_bound
@@ -165,6 +166,11 @@ class Controller:
         self._last_off_probe = -off_probe_every     # at most one in off_probe_every steps, whatever it found
         self.plan_gain = 1.0            # the last full plan's expected goodput over none drafting (greedy_plan's)
         self.off_probes = 0
+        # draft probes (off by default): the mirror of an off probe, see plan
+        self.draft_probe_every = draft_probe_every
+        self._drafted_seen: deque = deque(maxlen=32)
+        self._last_draft_probe = -max(draft_probe_every, 1)
+        self.draft_probes = 0
         # Dither (module docstring; off by default): 1 in dither_every drafting steps runs every drafting
         # request one draft deeper or shallower (alternately), so the local line sees the plan's margin.
         self.dither_every = dither_every
@@ -253,6 +259,14 @@ class Controller:
         if off_probe:
             self.off_probes += 1
             self._last_off_probe = self._observed
+        draft_probe = (not reuse and not self.fallback and self.draft_probe_every > 0 and bool(auto)
+                       and not any(k[i] for i in auto) and not any(fixed_k)
+                       and self._observed - self._last_draft_probe >= self.draft_probe_every
+                       and not self._drafted_known(len(sched))
+                       and self._first_draft_loss(sched, auto, q, ctx, lag) < self.off_probe_gain)
+        if draft_probe:
+            self.draft_probes += 1
+            self._last_draft_probe = self._observed
         shifted = None
         if not off_probe and not self.fallback and self.dither_every > 0 and not any(fixed_k) and any(
                 k[i] for i in auto):
@@ -260,7 +274,8 @@ class Controller:
             if self._dither_wait >= self.dither_every:
                 shifted = self._dither(sched, auto, k)
         for j, i in enumerate(auto):
-            sched[i].k = 0 if off_probe else int(k[i]) if shifted is None else shifted[j]
+            sched[i].k = (0 if off_probe else min(1, sched[i].k) if draft_probe else
+                          int(k[i]) if shifted is None else shifted[j])
             self.k_chosen[sched[i].k] += 1
         decided = set(auto)
         for i, s in enumerate(sched):       # auto entries not decided here (prompt parts, no room) draft 0
@@ -268,7 +283,8 @@ class Controller:
                 s.k = 0
         if not reuse:
             was_quiet, was_ids = self.quiet, self._quiet_ids
-            self.quiet = not self.fallback and bool(auto) and not any(k[i] for i in auto)
+            # (a draft probe's step is not quiet: the next step plans with what it measured)
+            self.quiet = not self.fallback and bool(auto) and not any(k[i] for i in auto) and not draft_probe
             self._quiet_steps = 0
             self._quiet_ids = frozenset(sched[i].req.id for i in auto) if self.quiet else frozenset()
             self._quiet_kinds = (((self._quiet_kinds if was_quiet else frozenset())
@@ -280,7 +296,7 @@ class Controller:
         if reuse:
             learn = (self._observed + 1) % 8 == 0 or shifted is not None   # a kept plan's steps: 1 in 8
         else:
-            learn = self._learn_due() or off_probe or shifted is not None
+            learn = self._learn_due() or off_probe or draft_probe or shifted is not None
         plan_s = time.perf_counter() - t0
         self._decision = Decision(ctx, breakeven, lag, learn=learn)
         self.overhead_s += plan_s
@@ -349,6 +365,28 @@ class Controller:
         tol = max(1.0, seqs / 8)
         return any(i > since and abs(s - seqs) <= tol for i, s in self._base_seen)
 
+    def _drafted_known(self, seqs: int) -> bool:
+        """Whether a step of about `seqs` sequences, at least half of them drafting, fed the cost model in the
+        last draft_probe_every observed steps (draft probes)."""
+        since = self._observed - self.draft_probe_every
+        tol = max(1.0, seqs / 8)
+        return any(i > since and abs(s - seqs) <= tol for i, s in self._drafted_seen)
+
+    def _first_draft_loss(self, sched, auto, q, ctx, lag) -> float:
+        """The priced goodput lost by every auto request drafting one token against none: 1 - (V1 / T1) /
+        (V0 / T0), acceptance as estimated without the exploration bonus."""
+        ids = [sched[i].req.id for i in auto]
+        a0 = self.acceptance.estimate(ids, kinds=[sched[i].kind for i in auto])[:, 0]
+        k1 = [0] * len(sched)
+        for i in auto:
+            k1[i] = min(1, sched[i].k)
+        q1 = [x + d for x, d in zip(q, k1)]
+        sampling = sum(1 for s in sched if not s.partial)
+        t0 = self.cost.predict(self.cost.target_features(q, ctx), self.cost.draft_features([0] * len(sched)))
+        t1 = self.cost.predict(self.cost.target_features(q1, ctx), self.cost.draft_features(k1, lag))
+        v1 = sampling + float(sum(a for a, i in zip(a0, auto) if k1[i]))
+        return 1.0 - (v1 / max(t1, 1e-12)) / (sampling / max(t0, 1e-12))
+
     def _learn_due(self) -> bool:
         """Whether this step (not a kept plan's, not a quiet one) feeds the cost model."""
         self._learn_wait += 1
@@ -402,6 +440,8 @@ class Controller:
             self.cost.observe(x, z, target_s, draft_s, predicted, x_plan)
             if max(q, default=2) <= 1:         # an undrafted decode step (no prompt part in it)
                 self._base_seen.append((self._observed, len(q)))
+            elif 2 * sum(1 for v in drafts if v) >= len(q):     # half the step's sequences or more drafting
+                self._drafted_seen.append((self._observed, len(q)))
             spent = time.perf_counter() - t0 + self._routing_s
             self._learn_s = spent if not self._learn_s else 0.9 * self._learn_s + 0.1 * spent
         self._routing_s = 0.0
@@ -543,6 +583,7 @@ class Controller:
             "controller_cooldowns": self.cooldowns,
             "controller_probes": self.probes,
             "controller_off_probes": self.off_probes,
+            "controller_draft_probes": self.draft_probes,
             "controller_dithers": self.dithers,
             "controller_plans_kept": self.reused,
             "acceptance_curve": self.acceptance.global_curve.tolist(),

@@ -200,7 +200,7 @@ def run_cell(runner, prompts, conts, batch, alpha, decay, ks, reps, new_tokens, 
             st = engines[p].stats()
             out[p]["mape"] = st["cost_model_mape"]
             out[p]["overhead"] = st["controller_overhead"]
-            out[p]["events"] = {e: st[f"controller_{e}"] for e in ("probes", "off_probes", "cooldowns")}
+            out[p]["events"] = {e: st[f"controller_{e}"] for e in ("probes", "off_probes", "draft_probes", "cooldowns")}
     for e in engines.values():
         e.close()
     return out

@@ -81,19 +81,33 @@ def generation(clock: Clock, phases):
 def step_record(eng, phase: int, seconds: float) -> dict:
     """One step as the engine reported it: phase, requests in it, sampled ones
     (prompt parts are not), their draft lengths, drafts accepted, tokens
-    committed, its time on this clock; for "auto" also the measured goodput
-    the next plan prices with (tokens/s) and the sequence count it is of."""
+    committed, its time on this clock and the engine's own split of it
+    (schedule, plan, propose, forward, verify); for "auto" also the measured goodput
+    the next plan prices with (tokens/s) and the sequence count it is of, the
+    price of a next step at uniform k and the global acceptance curve."""
     r = eng.last_step
     out = {"phase": phase, "requests": r.num_requests, "sampled": len(r.k), "k": list(r.k),
-           "accepted": r.accepted_tokens, "committed": r.committed_tokens, "ms": round(seconds * 1e3, 3)}
+           "accepted": r.accepted_tokens, "committed": r.committed_tokens, "ms": round(seconds * 1e3, 3),
+           "phase_ms": {p: round(v * 1e3, 3) for p, v in r.phase_s.items()}}
     ctl = getattr(eng, "controller", None)
     if ctl is not None:
         out.update(goodput=round(ctl.goodput, 1), goodput_seqs=ctl.goodput_seqs, quiet=bool(ctl.quiet),
-                   fallback=bool(ctl.fallback), priced_ms=priced_uniform(ctl, eng.scheduler.running))
+                   fallback=bool(ctl.fallback), priced_ms=priced_uniform(ctl, eng.scheduler.running),
+                   curve=[round(float(a), 3) for a in ctl.acceptance.global_curve[:8]],
+                   rates=mean_rates(ctl, eng.scheduler.running))
     return out
 
 
 PRICED_KS = (0, 1, 2, 3, 4, 8)
+
+
+def mean_rates(ctl, running) -> list:
+    """The running requests' conditional acceptance per position as the plan reads them (with the
+    exploration bonus), averaged over the requests (proposal kinds not looked up)."""
+    if not running:
+        return []
+    rs = ctl.acceptance.rates([r.id for r in running], ctl.explore)
+    return [round(sum(col) / len(rs), 3) for col in zip(*rs)]
 
 
 def priced_uniform(ctl, running) -> dict:

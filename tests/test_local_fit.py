@@ -158,6 +158,44 @@ def test_off_probes_measure_the_undrafted_step_of_a_marginal_plan(runner):
 
 
 
+def test_draft_probes_measure_the_drafted_step_of_a_marginal_no(runner):
+    """The mirror of an off probe (draft_probe_every > 0; off by default): a
+    plan that drafts nothing while every request drafting one token would
+    lose less than off_probe_gain (as priced) runs one step with a draft for
+    every request, learned from, at most once in draft_probe_every observed
+    steps, and the step after it plans again rather than staying quiet; where
+    a draft clearly cannot pay (acceptance 0) none runs, nor with the default."""
+    def run(ctl, steps):
+        probes, rng = [], np.random.default_rng(5)
+        for i in range(steps):
+            s = sched_for(4, start_id=500)
+            n0 = ctl.draft_probes
+            ctl.plan(s, lambda e: True)
+            if ctl.draft_probes > n0:
+                assert [e.k for e in s] == [1] * 4 and ctl._decision.learn and not ctl.quiet
+                probes.append(i)
+            else:
+                assert sum(e.k for e in s) <= 1          # a request's own probe at most
+            q = [1 + e.k for e in s]
+            t = ctl.cost.predict(ctl.cost.target_features(q, [39] * 4), ctl.cost.draft_features([e.k for e in s]))
+            acc = [int(e.k > 0 and rng.random() < 0.3) for e in s]
+            ctl.observe([(e.req.id, e.k, a, True) for e, a in zip(s, acc)], q, [e.k for e in s], target_s=t,
+                        draft_s=0.0, step_s=t, distinct=None)
+        return probes
+
+    def make(acceptance, every):
+        ctl = _controller(runner, [5e-3, 1e-4, 8e-4, 0, 0, 0], [0, 0, 0, 0, 0], acceptance=acceptance)
+        ctl.cost.refit = lambda: None
+        ctl.max_backoff = ctl.start_backoff = 10 ** 6          # no per-request probes in the way
+        ctl.draft_probe_every = every
+        return ctl
+    ctl = make(0.3, 16)
+    assert 0 < ctl._first_draft_loss(sched_for(4), [0, 1, 2, 3], [1.0] * 4, [39.0] * 4, [0] * 4) < ctl.off_probe_gain
+    probes = run(ctl, 120)
+    assert len(probes) >= 3 and all(b - a >= 16 for a, b in zip(probes, probes[1:])), probes
+    assert run(make(0.0, 16), 120) == [] and run(make(0.3, 0), 120) == []
+
+
 def _simulate(ctl, truth_s, steps, acceptance=0.7, B=8, seed=5, caps=None, learned=None):
     """A steady load of B requests (caps per request, default 8): plan, verify at `acceptance` per position,
     observe truth_s(x, z); returns (the plan's k per request, the k that ran) per step, and appends to
