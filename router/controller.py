@@ -58,6 +58,17 @@ Around the plan:
   from (at most once in that many steps, and only where no request of a
   fixed k drafts in it); its cost is bounded by that gain once in that many
   steps;
+- a draft probe (off by default, `draft_probe_every` = 0), the mirror of an
+  off probe: while the plans draft nothing, the cost model sees no drafted
+  step and the price of drafting is extrapolated (on moe-bench at batch 64
+  and acceptance 0.6, docs/BENCHMARKS.md "Session 14", a plan priced a draft
+  for every request at 144 ms against 126 measured and stayed quiet while
+  drafting paid 1.09x). So when a full plan drafts nothing, every request
+  drafting one token would lose less than `off_probe_gain` as priced, and no
+  step of about this many sequences, half or more of them drafting, fed the
+  cost model in the last `draft_probe_every` observed steps, the step drafts
+  one token for every request and is learned from, and the next step plans
+  again instead of staying quiet;
 - dither (off by default, `dither_every` = 0): 1 in `dither_every` drafting
   steps (not in fallback, not an off probe, no fixed-k request in the step)
   runs every drafting request one draft deeper or shallower than the plan

@@ -200,7 +200,8 @@ def run_cell(runner, prompts, conts, batch, alpha, decay, ks, reps, new_tokens, 
             st = engines[p].stats()
             out[p]["mape"] = st["cost_model_mape"]
             out[p]["overhead"] = st["controller_overhead"]
-            out[p]["events"] = {e: st[f"controller_{e}"] for e in ("probes", "off_probes", "draft_probes", "cooldowns")}
+            out[p]["events"] = {e: st[f"controller_{e}"]
+                                for e in ("probes", "off_probes", "draft_probes", "cooldowns")}
     for e in engines.values():
         e.close()
     return out
@@ -454,7 +455,8 @@ def parse_args(argv):
                          "in turn, wall clock (the EP runner always: its workers are not copied per policy)")
     ap.add_argument("--auto-variant", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
                     help="also run auto with these controller settings, as policy auto[NAME=VALUE], in the same "
-                         "interleaved run (an A/B of a knob, e.g. margin=0.03); repeatable; grid cells, traces and the real drafters")
+                         "interleaved run (an A/B of a knob, e.g. margin=0.03); repeatable; grid cells, traces and "
+                         "the real drafters")
     ap.add_argument("--step-log", default=None, metavar="FILE",
                     help="write every policy's steps of each cell's (and trace's) last repetition as JSON lines "
                          "to FILE, and print them grouped by requests sampled (needs --interleave step)")
