@@ -273,8 +273,12 @@ class Controller:
         draft_probe = (not reuse and not self.fallback and self.draft_probe_every > 0 and bool(auto)
                        and not any(k[i] for i in auto) and not any(fixed_k)
                        and self._observed - self._last_draft_probe >= self.draft_probe_every
-                       and not self._drafted_known(len(sched))
-                       and self._first_draft_loss(sched, auto, q, ctx, lag) < self.off_probe_gain)
+                       and not self._drafted_known(len(sched)))
+        if draft_probe:         # one draft each, cooled-down requests left out
+            probe_k = {i: 0 if (st := self._state.get(sched[i].req.id)) is not None and st.cooldown > 0
+                       else min(1, sched[i].k) for i in auto}
+            draft_probe = any(probe_k.values()) and self._first_draft_loss(sched, probe_k, q, ctx, lag) < \
+                self.off_probe_gain
         if draft_probe:
             self.draft_probes += 1
             self._last_draft_probe = self._observed
@@ -285,7 +289,7 @@ class Controller:
             if self._dither_wait >= self.dither_every:
                 shifted = self._dither(sched, auto, k)
         for j, i in enumerate(auto):
-            sched[i].k = (0 if off_probe else min(1, sched[i].k) if draft_probe else
+            sched[i].k = (0 if off_probe else probe_k[i] if draft_probe else
                           int(k[i]) if shifted is None else shifted[j])
             self.k_chosen[sched[i].k] += 1
         decided = set(auto)
@@ -383,14 +387,15 @@ class Controller:
         tol = max(1.0, seqs / 8)
         return any(i > since and abs(s - seqs) <= tol for i, s in self._drafted_seen)
 
-    def _first_draft_loss(self, sched, auto, q, ctx, lag) -> float:
-        """The priced goodput lost by every auto request drafting one token against none: 1 - (V1 / T1) /
-        (V0 / T0), acceptance as estimated without the exploration bonus."""
+    def _first_draft_loss(self, sched, probe_k: dict, q, ctx, lag) -> float:
+        """The priced goodput lost by the entries of probe_k {index: drafts} drafting those (one each) against
+        none: 1 - (V1 / T1) / (V0 / T0), acceptance as estimated without the exploration bonus."""
+        auto = list(probe_k)
         ids = [sched[i].req.id for i in auto]
         a0 = self.acceptance.estimate(ids, kinds=[sched[i].kind for i in auto])[:, 0]
         k1 = [0] * len(sched)
         for i in auto:
-            k1[i] = min(1, sched[i].k)
+            k1[i] = probe_k[i]
         q1 = [x + d for x, d in zip(q, k1)]
         sampling = sum(1 for s in sched if not s.partial)
         t0 = self.cost.predict(self.cost.target_features(q, ctx), self.cost.draft_features([0] * len(sched)))

@@ -39,9 +39,11 @@ trace's table; with the real drafters (--real) a table of their own again.
 
 `--step-log FILE` keeps each policy's steps of a cell's (a trace's, a real
 drafter cell's) last repetition, one JSON line a step (requests, sampled,
-draft lengths, accepted, committed, own-clock ms; for auto the goodput it
-prices with), and prints them grouped by how many requests a step sampled:
-where a policy gains or loses, e.g. in a batch's tail of a few requests.
+draft lengths, accepted, committed, own-clock ms and the engine's split of
+it; for auto also the goodput it prices with, the cost model's price of a
+next step at uniform k and the acceptance it reads), and prints them grouped
+by how many requests a step sampled: where a policy gains or loses, e.g. in
+a batch's tail of a few requests, or where the price of a depth is off.
 
 Output: a markdown table per section on stdout, --json (rows {"model", "ep",
 "batch", "alpha", "decay", "policy", "tokens_per_s", "tpot_ms", "mean_k"}; grid

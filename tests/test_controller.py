@@ -610,8 +610,8 @@ def test_goodput_by_batch_prices_a_tail_at_its_own_rate(runner):
     assert ctl.goodput_seqs == 2 and ctl.goodput == pytest.approx((0.9 * 2 + 0.1 * 3) / 0.01)
     ctl.observe([(i, 0, 0, True) for i in range(4)], [1.0] * 4, [0] * 4, 0.01, 0.0, 0.01, None)
     assert ctl.goodput_seqs == 4 and ctl.goodput == pytest.approx(4 / 0.01)
-    # a step with prompt tokens in it (here 8 requests arriving, one finishing its prompt) is not a decode
-    # rate: it neither restarts the rate nor moves it
+    # a step with prompt tokens in it (here 5 requests arriving, their prompts prefilled and first tokens
+    # sampled in it) is not a decode rate: it neither restarts the rate nor moves it
     ctl.observe([(i, 0, 0, True) for i in range(9)], [1.0] * 4 + [30.0] * 5, [0] * 9, 0.2, 0.0, 0.2, None)
     assert ctl.goodput_seqs == 4 and ctl.goodput == pytest.approx(4 / 0.01)
 

@@ -165,14 +165,14 @@ def test_draft_probes_measure_the_drafted_step_of_a_marginal_no(runner):
     every request, learned from, at most once in draft_probe_every observed
     steps, and the step after it plans again rather than staying quiet; where
     a draft clearly cannot pay (acceptance 0) none runs, nor with the default."""
-    def run(ctl, steps):
+    def run(ctl, steps, want=(1, 1, 1, 1)):
         probes, rng = [], np.random.default_rng(5)
         for i in range(steps):
             s = sched_for(4, start_id=500)
             n0 = ctl.draft_probes
             ctl.plan(s, lambda e: True)
             if ctl.draft_probes > n0:
-                assert [e.k for e in s] == [1] * 4 and ctl._decision.learn and not ctl.quiet
+                assert [e.k for e in s] == list(want) and ctl._decision.learn and not ctl.quiet
                 probes.append(i)
             else:
                 assert sum(e.k for e in s) <= 1          # a request's own probe at most
@@ -190,9 +190,13 @@ def test_draft_probes_measure_the_drafted_step_of_a_marginal_no(runner):
         ctl.draft_probe_every = every
         return ctl
     ctl = make(0.3, 16)
-    assert 0 < ctl._first_draft_loss(sched_for(4), [0, 1, 2, 3], [1.0] * 4, [39.0] * 4, [0] * 4) < ctl.off_probe_gain
+    one = {i: 1 for i in range(4)}
+    assert 0 < ctl._first_draft_loss(sched_for(4), one, [1.0] * 4, [39.0] * 4, [0] * 4) < ctl.off_probe_gain
     probes = run(ctl, 120)
     assert len(probes) >= 3 and all(b - a >= 16 for a, b in zip(probes, probes[1:])), probes
+    cool = make(0.3, 16)
+    cool._new_state(503).cooldown = 10 ** 6                 # request 3 cooled down: the probes leave it out
+    assert len(run(cool, 120, want=(1, 1, 1, 0))) >= 3
     assert run(make(0.0, 16), 120) == [] and run(make(0.3, 0), 120) == []
 
 
