@@ -67,7 +67,7 @@ Around the plan:
   drafting one token would lose less than `off_probe_gain` as priced, and no
   step of about this many sequences, half or more of them drafting, fed the
   cost model in the last `draft_probe_every` observed steps, the step drafts
-  one token for every request and is learned from, and the next step plans
+  one token for every request not cooled down and is learned from, and the next step plans
   again instead of staying quiet;
 - dither (off by default, `dither_every` = 0): 1 in `dither_every` drafting
   steps (not in fallback, not an off probe, no fixed-k request in the step)
@@ -95,7 +95,7 @@ import torch
 from .acceptance import AcceptanceEstimator
 from .cost_model import CostModel
 from .expert_overlap import ExpertOverlap
-from .plan_search import greedy_plan
+from .plan_search import first_draft_loss, greedy_plan
 
 
 @dataclass
@@ -277,7 +277,7 @@ class Controller:
         if draft_probe:         # one draft each, cooled-down requests left out
             probe_k = {i: 0 if (st := self._state.get(sched[i].req.id)) is not None and st.cooldown > 0
                        else min(1, sched[i].k) for i in auto}
-            draft_probe = any(probe_k.values()) and self._first_draft_loss(sched, probe_k, q, ctx, lag) < \
+            draft_probe = any(probe_k.values()) and first_draft_loss(self, sched, probe_k, q, ctx, lag) < \
                 self.off_probe_gain
         if draft_probe:
             self.draft_probes += 1
@@ -386,22 +386,6 @@ class Controller:
         since = self._observed - self.draft_probe_every
         tol = max(1.0, seqs / 8)
         return any(i > since and abs(s - seqs) <= tol for i, s in self._drafted_seen)
-
-    def _first_draft_loss(self, sched, probe_k: dict, q, ctx, lag) -> float:
-        """The priced goodput lost by the entries of probe_k {index: drafts} drafting those (one each) against
-        none: 1 - (V1 / T1) / (V0 / T0), acceptance as estimated without the exploration bonus."""
-        auto = list(probe_k)
-        ids = [sched[i].req.id for i in auto]
-        a0 = self.acceptance.estimate(ids, kinds=[sched[i].kind for i in auto])[:, 0]
-        k1 = [0] * len(sched)
-        for i in auto:
-            k1[i] = probe_k[i]
-        q1 = [x + d for x, d in zip(q, k1)]
-        sampling = sum(1 for s in sched if not s.partial)
-        t0 = self.cost.predict(self.cost.target_features(q, ctx), self.cost.draft_features([0] * len(sched)))
-        t1 = self.cost.predict(self.cost.target_features(q1, ctx), self.cost.draft_features(k1, lag))
-        v1 = sampling + float(sum(a for a, i in zip(a0, auto) if k1[i]))
-        return 1.0 - (v1 / max(t1, 1e-12)) / (sampling / max(t0, 1e-12))
 
     def _learn_due(self) -> bool:
         """Whether this step (not a kept plan's, not a quiet one) feeds the cost model."""

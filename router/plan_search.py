@@ -240,3 +240,21 @@ def greedy_plan(ctl, sched, auto, q, ctx, fixed_k, sampling, k, breakeven, lag_a
     for j, i in enumerate(auto):
         k[i] = kk[j]
     return (V / max(T, 1e-12)) / max(V0 / max(T0, 1e-12), 1e-12)
+
+
+def first_draft_loss(ctl, sched, probe_k: dict, q, ctx, lag) -> float:
+    """The priced goodput lost by the entries of probe_k {index: drafts} drafting those (one each) against
+    none, 1 - (V1 / T1) / (V0 / T0), acceptance as estimated without the exploration bonus: whether a draft
+    probe (the controller's `draft_probe_every`) is cheap enough to run."""
+    auto = list(probe_k)
+    ids = [sched[i].req.id for i in auto]
+    a0 = ctl.acceptance.estimate(ids, kinds=[sched[i].kind for i in auto])[:, 0]
+    k1 = [0] * len(sched)
+    for i in auto:
+        k1[i] = probe_k[i]
+    q1 = [x + d for x, d in zip(q, k1)]
+    sampling = sum(1 for s in sched if not s.partial)
+    t0 = ctl.cost.predict(ctl.cost.target_features(q, ctx), ctl.cost.draft_features([0] * len(sched)))
+    t1 = ctl.cost.predict(ctl.cost.target_features(q1, ctx), ctl.cost.draft_features(k1, lag))
+    v1 = sampling + float(sum(a for a, i in zip(a0, auto) if k1[i]))
+    return 1.0 - (v1 / max(t1, 1e-12)) / (sampling / max(t0, 1e-12))

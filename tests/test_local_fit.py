@@ -6,6 +6,7 @@ import pytest
 
 from specmoe.router.cost_model import CostModel
 from specmoe.router.local_fit import LocalFit
+from specmoe.router.plan_search import first_draft_loss
 
 from test_controller import _controller, _moe_config, linear, runner, moe_path, sched_for  # noqa: F401
 
@@ -191,7 +192,7 @@ def test_draft_probes_measure_the_drafted_step_of_a_marginal_no(runner):
         return ctl
     ctl = make(0.3, 16)
     one = {i: 1 for i in range(4)}
-    assert 0 < ctl._first_draft_loss(sched_for(4), one, [1.0] * 4, [39.0] * 4, [0] * 4) < ctl.off_probe_gain
+    assert 0 < first_draft_loss(ctl, sched_for(4), one, [1.0] * 4, [39.0] * 4, [0] * 4) < ctl.off_probe_gain
     probes = run(ctl, 120)
     assert len(probes) >= 3 and all(b - a >= 16 for a, b in zip(probes, probes[1:])), probes
     cool = make(0.3, 16)
