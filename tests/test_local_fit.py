@@ -159,7 +159,7 @@ def test_off_probes_measure_the_undrafted_step_of_a_marginal_plan(runner):
 
 
 
-def test_draft_probes_measure_the_drafted_step_of_a_marginal_no(runner):
+def test_draft_probes_measure_the_drafted_step_of_a_marginal_quiet_plan(runner):
     """The mirror of an off probe (draft_probe_every > 0; off by default): a
     plan that drafts nothing while every request drafting one token would
     lose less than off_probe_gain (as priced) runs one step with a draft for
