@@ -32,8 +32,9 @@ of them drafting deep does. No request drafting means the drafter is skipped.
 
 Around the plan:
 - a request whose drafting realised fewer tokens than its break-even over a
-  window of 16 drafted steps (by more than two standard deviations) is cooled down (k = 0) for a number of steps that doubles
-  each time (capped), then probed again with one draft; so is a request the
+  window of 16 drafted steps (by more than two standard deviations) is
+  cooled down (k = 0) for a number of steps that doubles each time
+  (capped), then probed again with one draft; so is a request the
   plan has kept at 0 for that long, so estimates never freeze;
 - when the cost model's prediction error (MAPE over a window, the worst 10% of
   steps left out) exceeds a bound,
@@ -67,8 +68,8 @@ Around the plan:
   drafting one token would lose less than `off_probe_gain` as priced, and no
   step of about this many sequences, half or more of them drafting, fed the
   cost model in the last `draft_probe_every` observed steps, the step drafts
-  one token for every request not cooled down and is learned from, and the next step plans
-  again instead of staying quiet;
+  one token for every request not cooled down and is learned from, and the
+  next step plans again instead of staying quiet;
 - dither (off by default, `dither_every` = 0): 1 in `dither_every` drafting
   steps (not in fallback, not an off probe, no fixed-k request in the step)
   runs every drafting request one draft deeper or shallower than the plan
@@ -374,18 +375,21 @@ class Controller:
         restarted at, or 1; goodput_by_batch restarts it, and the plan reads it, only then)."""
         return abs(seqs - self.goodput_seqs) <= max(1.0, self.goodput_seqs / 8)
 
+    def _seen_lately(self, seen, seqs: int, window: int) -> bool:
+        """Whether `seen` [(observed step, sequences)] has a step of about `seqs` sequences (within 1/8 or one)
+        in the last `window` observed steps."""
+        since = self._observed - window
+        tol = max(1.0, seqs / 8)
+        return any(i > since and abs(s - seqs) <= tol for i, s in seen)
+
     def _base_known(self, seqs: int) -> bool:
         """Whether an undrafted step of about `seqs` sequences fed the cost model lately (off probes)."""
-        since = self._observed - self.off_probe_every
-        tol = max(1.0, seqs / 8)
-        return any(i > since and abs(s - seqs) <= tol for i, s in self._base_seen)
+        return self._seen_lately(self._base_seen, seqs, self.off_probe_every)
 
     def _drafted_known(self, seqs: int) -> bool:
         """Whether a step of about `seqs` sequences, at least half of them drafting, fed the cost model in the
         last draft_probe_every observed steps (draft probes)."""
-        since = self._observed - self.draft_probe_every
-        tol = max(1.0, seqs / 8)
-        return any(i > since and abs(s - seqs) <= tol for i, s in self._drafted_seen)
+        return self._seen_lately(self._drafted_seen, seqs, self.draft_probe_every)
 
     def _learn_due(self) -> bool:
         """Whether this step (not a kept plan's, not a quiet one) feeds the cost model."""

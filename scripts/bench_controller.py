@@ -532,6 +532,9 @@ def main(argv=None) -> int:
                 from specmoe.experts.ep_runner import EPRunner
                 runner = EPRunner.from_pretrained(path, ep=ep, max_seqs=max_b, max_seq_len=seq_len)
             step = args.interleave == "step" and own_runner(runner) is not None
+            if args.step_fh and not step:
+                log(f"--step-log: {model} ep={ep} runs whole runs in turn (its workers are not copied per policy): "
+                    f"no step records")
             V = runner.config.vocab_size
             g = torch.Generator().manual_seed(args.seed)
             pool = [torch.randint(0, V, (args.prompt_len,), generator=g).tolist() for _ in range(max_b)]
