@@ -164,7 +164,8 @@ def test_draft_probes_measure_the_drafted_step_of_a_marginal_quiet_plan(runner):
     plan that drafts nothing while every request drafting one token would
     lose less than off_probe_gain (as priced) runs one step with a draft for
     every request, learned from, at most once in draft_probe_every observed
-    steps, and the step after it plans again rather than staying quiet; where
+    steps (the first as soon as one is due, whenever the knob was set), and
+    the step after it plans again rather than staying quiet; where
     a draft clearly cannot pay (acceptance 0) none runs, nor with the default."""
     def run(ctl, steps, want=(1, 1, 1, 1)):
         probes, rng = [], np.random.default_rng(5)
@@ -195,6 +196,7 @@ def test_draft_probes_measure_the_drafted_step_of_a_marginal_quiet_plan(runner):
     assert 0 < first_draft_loss(ctl, sched_for(4), one, [1.0] * 4, [39.0] * 4, [0] * 4) < ctl.off_probe_gain
     probes = run(ctl, 120)
     assert len(probes) >= 3 and all(b - a >= 16 for a, b in zip(probes, probes[1:])), probes
+    assert probes[0] < 16, probes        # the knob set after construction: no wait for a first probe
     cool = make(0.3, 16)
     cool._new_state(503).cooldown = 10 ** 6                 # request 3 cooled down: the probes leave it out
     assert len(run(cool, 120, want=(1, 1, 1, 0))) >= 3
