@@ -47,7 +47,9 @@ a batch's tail of a few requests, or where the price of a depth is off.
 
 Output: a markdown table per section on stdout, --json (rows {"model", "ep",
 "batch", "alpha", "decay", "policy", "tokens_per_s", "tpot_ms", "mean_k"}; grid
-rows also "tokens_per_s_reps", every repetition's figure), --png (heatmap of
+rows also "tokens_per_s_reps", every repetition's figure; a trace's rows are
+per phase and policy, {"model", "ep", "trace", "phase", "batch", "alpha",
+"policy", "tokens_per_s"}, the medians its per-phase table prints), --png (heatmap of
 the best fixed k per cell next to auto's mean k; needs matplotlib). Timings
 on a shared machine are noisy: compare ratios inside a run.
 """
@@ -270,10 +272,25 @@ def run_trace(runner, prompt_pool, conts, phases, ks, reps, new_tokens, seed, V,
     out = {p: statistics.median(xs) for p, xs in samples.items()}
     # The bound no single-k policy reaches and a per-phase one could: each phase at its fastest policy
     # (medians per phase; "auto" left out), i.e. an oracle that knows the phase and the best k for it.
-    med = {p: [statistics.median(ts) for ts in phase_s[p]] for p in engines if not p.startswith("auto")}
+    med_all = {p: [statistics.median(ts) for ts in phase_s[p]] for p in engines}
+    med = {p: m for p, m in med_all.items() if not p.startswith("auto")}
     best_phase = [min(med, key=lambda p: med[p][i]) for i in range(len(phases))]
     oracle = sum(phase_tokens) / sum(med[p][i] for i, p in enumerate(best_phase))
-    return out, oracle, best_phase
+    per_phase = {p: [n / t for n, t in zip(phase_tokens, m)] for p, m in med_all.items()}
+    return out, oracle, best_phase, per_phase
+
+
+def print_phases(phases, per_phase, best_phase) -> None:
+    """Each phase's committed tokens/s (medians of its repetitions): off, the phase's fastest fixed policy,
+    auto and its variants."""
+    autos = [p for p in per_phase if p.startswith("auto")]
+    print("\n| phase (batch, alpha) | off | fastest fixed | " + " | ".join(autos) + " | auto / fastest | auto / off |")
+    print("|---|---:|---:|" + "---:|" * len(autos) + "---:|---:|")
+    for i, (b, a) in enumerate(phases):
+        bp = best_phase[i]
+        cells = " | ".join(f"{per_phase[p][i]:.1f}" for p in autos)
+        print(f"| {i}: ({b}, {a}) | {per_phase['off'][i]:.1f} | {per_phase[bp][i]:.1f} ({bp}) | {cells} | "
+              f"{per_phase['auto'][i] / per_phase[bp][i]:.2f}x | {per_phase['auto'][i] / per_phase['off'][i]:.2f}x |")
 
 
 def tokens_for(args, batch: int) -> int:
@@ -573,9 +590,9 @@ def main(argv=None) -> int:
             for kind in (args.trace_kind.split(",") if args.trace or args.trace_only else []):
                 phases = [(b, a) for b, a in TRACES[kind] if b <= max_b]     # --batch's largest caps the phases
                 steps_out = {} if args.step_fh and step else None
-                res, oracle, best_phase = run_trace(runner, pool, conts, phases, args.ks_list, args.reps,
-                                                    args.new_tokens, args.seed, V, log, step, args.auto_variant,
-                                                    steps_out)
+                res, oracle, best_phase, per_phase = run_trace(runner, pool, conts, phases, args.ks_list,
+                                                               args.reps, args.new_tokens, args.seed, V, log, step,
+                                                               args.auto_variant, steps_out)
                 if steps_out:
                     write_step_log(args.step_fh, {"section": f"trace {kind}", "model": model, "ep": ep},
                                    steps_out, res)
@@ -591,6 +608,10 @@ def main(argv=None) -> int:
                 print(f"\nauto / best single fixed k ({best_p}): {res['auto'] / res[best_p]:.3f}x; "
                       f"the per-phase oracle (each phase at its fastest fixed policy) / best single: "
                       f"{oracle / res[best_p]:.3f}x; auto / oracle: {res['auto'] / oracle:.3f}x")
+                print_phases(phases, per_phase, best_phase)
+                rows += [{"model": model, "ep": ep, "trace": kind, "phase": i, "batch": b,
+                          "alpha": list(a) if isinstance(a, tuple) else a, "policy": p, "tokens_per_s": v[i]}
+                         for p, v in per_phase.items() for i, (b, a) in enumerate(phases)]
             if hasattr(runner, "close"):
                 runner.close()
     if summary:
@@ -628,7 +649,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
         print(f"\nrows written to {args.json}")
-    grid_rows = [r for r in rows if r["alpha"] is not None]
+    grid_rows = [r for r in rows if r["alpha"] is not None and "trace" not in r]
     if args.png and grid_rows:
         heatmap(grid_rows, args.png, args.ks_list)
     log("done")
