@@ -14,6 +14,7 @@ from torch import nn
 
 from ..kernels import routing
 from ..kernels.attention import attend, mla_attend
+from ..kernels.linear import linear
 from ..kernels.moe import grouped_mm_available, grouped_swiglu, grouped_swiglu_mm, swiglu
 from ..kernels.norms import rms_norm
 from ..kernels.rotary import apply_rope_full, apply_rope_interleaved
@@ -53,7 +54,7 @@ class Attention(nn.Module):
     def forward(self, x, meta: BatchMeta, cos, sin, cache: tuple[torch.Tensor, ...]) -> torch.Tensor:
         T = x.shape[0]
         H, G, d = self.H, self.G, self.d
-        qkv = F.linear(x, self.qkv, self.qkv_bias)                        # (T, (H + 2G) d)
+        qkv = linear(x, self.qkv, self.qkv_bias)                        # (T, (H + 2G) d)
         if self.qk_norm == "none":
             # q and k sit side by side in the fused projection: one rotary call for both.
             if self.clip:
@@ -74,7 +75,7 @@ class Attention(nn.Module):
         k_cache.view(-1, G, d).index_copy_(0, meta.write_index, k)
         v_cache.view(-1, G, d).index_copy_(0, meta.write_index, v)
         out = meta.attention(lambda q_, k_, v_, m: attend(q_, k_, v_, m, self.scale), (q,), (k_cache, v_cache))
-        return F.linear(out.reshape(T, H * d), self.o, self.o_bias)
+        return linear(out.reshape(T, H * d), self.o, self.o_bias)
 
 
 class MLAttention(nn.Module):
@@ -102,11 +103,11 @@ class MLAttention(nn.Module):
         a, H, T = self.a, self.H, x.shape[0]
         n, r, C = a.qk_nope_head_dim, a.qk_rope_head_dim, a.kv_lora_rank
         if a.q_lora_rank:
-            q = F.linear(rms_norm(F.linear(x, self.q_a), self.q_a_norm, self.eps), self.q_b)
+            q = linear(rms_norm(linear(x, self.q_a), self.q_a_norm, self.eps), self.q_b)
         else:
-            q = F.linear(x, self.q)
+            q = linear(x, self.q)
         q_nope, q_rot = q.view(T, H, n + r).split((n, r), dim=-1)
-        latent, k_rot = F.linear(x, self.kv_a).split((C, r), dim=-1)
+        latent, k_rot = linear(x, self.kv_a).split((C, r), dim=-1)
         row = torch.cat((rms_norm(latent, self.kv_a_norm, self.eps),
                          self.rope(k_rot.view(T, 1, r), cos, sin).view(T, r)), dim=-1)   # (T, C + r)
         (latent_cache,) = cache
@@ -114,7 +115,7 @@ class MLAttention(nn.Module):
         w = self.kv_b.view(H, n + a.v_head_dim, C)
         out = meta.attention(lambda qn, qr, lc, m: mla_attend(qn, qr, lc, w[:, :n], w[:, n:], m, self.scale),
                              (q_nope, self.rope(q_rot, cos, sin)), (latent_cache,))
-        return F.linear(out.reshape(T, H * a.v_head_dim), self.o)
+        return linear(out.reshape(T, H * a.v_head_dim), self.o)
 
 
 class MLP(nn.Module):

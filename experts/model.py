@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import rotary
+from ..kernels.linear import linear
 from ..kernels.norms import rms_norm
 from .batch import BatchMeta
 from .cache import KVCache
@@ -130,4 +131,4 @@ class CausalLM(nn.Module):
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (T, D) -> logits (T, V) in float32."""
-        return F.linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head).float()

@@ -11,6 +11,8 @@ forward; no capacity factor, no dropped rows.
 import torch
 import torch.nn.functional as F
 
+from .linear import linear
+
 
 def sort_by_expert(ids: torch.Tensor, num_experts: int):
     """ids (T, K) -> order (N,) row indices into the flattened (T*K) pairs sorted
@@ -67,8 +69,8 @@ def grouped_swiglu_mm(x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Te
 
 def swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     """Dense gated MLP: x (T, D), w_gate_up (2F, D), w_down (D, F)."""
-    g, u = F.linear(x, w_gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(g) * u, w_down)
+    g, u = linear(x, w_gate_up).chunk(2, dim=-1)
+    return linear(F.silu(g) * u, w_down)
 
 
 def moe_reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,

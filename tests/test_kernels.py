@@ -7,6 +7,7 @@ import torch
 
 from specmoe.kernels import rotary, routing
 from specmoe.kernels.attention import attend, attend_reference, mla_attend
+from specmoe.kernels import linear as few_rows
 from specmoe.kernels.moe import (grouped_mm_available, grouped_swiglu, grouped_swiglu_mm, moe_reference,
                                  sort_by_expert)
 from specmoe.kernels.norms import rms_norm, rms_norm_reference
@@ -147,3 +148,37 @@ def test_llama3_frequencies_match_transformers():
     inv_ref, _ = _hf_rope(LlamaConfig, hidden_size=512, num_attention_heads=4, rope_parameters=params)
     inv = rotary.inv_freq_llama3(500000.0, 128, 8.0, 1.0, 4.0, 8192)
     torch.testing.assert_close(inv, inv_ref.float())
+
+
+def test_few_row_linear_is_f_linear_through_a_copy_that_follows_the_weight(monkeypatch):
+    """kernels/linear.py: up to SMALL_ROWS rows go through w's transposed copy
+    (made once, remade after w changes in place, dropped with w); the result is
+    F.linear's within float32 rounding, with and without a bias; more rows, a
+    view of a stacked weight (a routed expert), or SMALL_ROWS = 0 take F.linear
+    and make no copy."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 64, generator=g)
+    b = torch.randn(300, generator=g)
+    for m in range(1, 6):
+        x = torch.randn(m, 64, generator=g)
+        for bias in (None, b):
+            torch.testing.assert_close(few_rows.linear(x, w, bias), torch.nn.functional.linear(x, w, bias),
+                                       rtol=1e-5, atol=1e-5)
+    copy = few_rows._copies[id(w)][2]
+    assert copy.shape == (64, 300) and few_rows.transposed(w) is copy      # one copy, reused
+    x = torch.randn(2, 64, generator=g)
+    w.mul_(2.0)                                                          # an in-place change: a new copy
+    torch.testing.assert_close(few_rows.linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-5)
+    assert few_rows._copies[id(w)][2] is not copy
+    key = id(w)
+    del w, copy
+    assert key not in few_rows._copies                                   # dropped with the weight
+    stack = torch.randn(4, 300, 64, generator=g)
+    before = set(few_rows._copies)
+    torch.testing.assert_close(few_rows.linear(x, stack[1]), x @ stack[1].t(), rtol=1e-5, atol=1e-5)
+    assert set(few_rows._copies) <= before                               # a view: no copy
+    w2 = torch.randn(300, 64, generator=g)
+    few_rows.linear(torch.randn(4, 64, generator=g), w2)
+    monkeypatch.setattr(few_rows, "SMALL_ROWS", 0)
+    few_rows.linear(x, w2)
+    assert id(w2) not in few_rows._copies
