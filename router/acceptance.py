@@ -21,7 +21,15 @@ deep where acceptance decays.
 
 Per request: Beta-Bernoulli with the global curve as prior of strength
 `prior_strength`, and a faster decay so a request whose text turns predictable
-(or stops being so) is followed within a few steps. Counts are plain Python
+(or stops being so) is followed within a few steps. Past the first position
+the prior may be the curve scaled by how the request compares with it one
+position shallower (`request_chain`, at most 1; off by default, no gain
+measured on the heterogeneous trace): in a load of copy-like and
+free-text requests the curve's deeper positions are the copy-like ones' (only
+they get that far), and a free-text request that had rejected its first draft
+three times still priced eight drafts at 1.5 tokens (0.6 with the scaling;
+tests/test_controller.py); not where requests accept alike (the prior at its
+strongest), where the difference is noise. Counts are plain Python
 lists (k_max floats per request): a step reads and updates a few of them right
 after a forward pass, when numpy's per-call cost runs 2-4x its warm figure
 (an update and an estimate for one request took ~18 and ~30 us as arrays
@@ -41,6 +49,8 @@ import math
 from collections import deque
 
 import numpy as np
+
+MOST_STRENGTH = 64.0    # the per-request prior's strength where requests accept alike (_fit_strength)
 
 
 class _Curve:
@@ -73,18 +83,25 @@ class _Curve:
 class AcceptanceEstimator:
     def __init__(self, k_max: int, prior_mean: float = 0.6, prior_strength: float = 4.0,
                  global_decay: float = 0.99, request_decay: float = 0.95, chain_strength: float = 4.0,
-                 age_cap: int | None = None, frontier_only: bool = False):
+                 age_cap: int | None = None, frontier_only: bool = False, request_chain: bool = False):
         """age_cap: a step's verifications age the global curves as at most this many would (None: all of
         them), so at a large batch the curves keep more than ~1 / (1 - global_decay) verifications' evidence
         (at batch 64 and 0.99 the curves aged by half every step). frontier_only: the exploration bonus
         (`rates(explore=)`) at the first position seen fewer than chain_strength times alone, not at every
-        position up to it."""
+        position up to it. request_chain (off by default: no gain measured, docs/BENCHMARKS.md "Session
+        15"): a request's prior at a position past the first is the curve's
+        there times how the request's estimate at the position before compares with the curve's (at most 1),
+        so a request that keeps failing its first draft expects little deeper too; the curve's deeper
+        positions are set by the requests that got that far, which in a mixed load are the good ones. Not
+        where the requests' spread says they accept alike (the prior at its strongest): there what sets a
+        request apart from the curve is noise, and scaling every deeper position by it would compound."""
         if k_max < 1:
             raise ValueError(f"k_max must be >= 1, got {k_max}")
         self.k_max, self.prior_strength = k_max, prior_strength
         self.global_decay, self.request_decay = global_decay, request_decay
         self.prior_mean, self.chain_strength, self.age_cap = prior_mean, chain_strength, age_cap
         self._frontier_only = bool(frontier_only)
+        self.request_chain = bool(request_chain)
         self._all = _Curve(k_max)               # every verification
         self._kinds: dict = {}                  # proposal kind -> _Curve of that kind's verifications
         self._req: dict[int, dict] = {}         # request id -> {kind: (decayed accepted, decayed observed)}
@@ -180,13 +197,19 @@ class AcceptanceEstimator:
             kind = kinds[i] if kinds is not None else None
             c = self._curve(kind)
             a, n = self._counts(rid, kind)
-            if not explore:
-                out.append([(x + s * p) / (m + s) for x, m, p in zip(a, n, c.curve)])
+            if self.request_chain and s < MOST_STRENGTH:     # not where requests accept alike (see _fit_strength)
+                row, ratio = [], 1.0
+                for x, m, p in zip(a, n, c.curve):
+                    r = (x + s * p * ratio) / (m + s)
+                    row.append(r)
+                    ratio = min(1.0, r / p) if p > 1e-9 else 1.0
             else:
+                row = [(x + s * p) / (m + s) for x, m, p in zip(a, n, c.curve)]
+            if explore:
                 # The bonus reaches a request as through a prior of the base strength, whatever strength
                 # the requests' spread set: a strong prior would pass it to every request at once.
-                out.append([min((x + s * p) / (m + s) + explore * b * (s0 / (m + s0)), 1.0)
-                            for x, m, p, b in zip(a, n, c.curve, c.bonus)])
+                row = [min(r + explore * b * (s0 / (m + s0)), 1.0) for r, m, b in zip(row, n, c.bonus)]
+            out.append(row)
         return out
 
     def estimate(self, req_ids, explore: float = 0.0, kinds=None) -> np.ndarray:
@@ -250,7 +273,7 @@ class AcceptanceEstimator:
                 ar[j] = ar[j] * rd + (1.0 if j < a else 0.0)
                 nr[j] = nr[j] * rd + 1.0
 
-    def _fit_strength(self, most: float = 64.0) -> None:
+    def _fit_strength(self, most: float = MOST_STRENGTH) -> None:
         """Empirical Bayes: how much requests really differ. The spread of the
         first-position rates of the live requests and the last 32 finished ones
         (so a small batch has enough; within each proposal kind, around that

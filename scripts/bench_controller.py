@@ -32,7 +32,8 @@ for both kinds, where a per-request k need not.
 `--auto-variant NAME=VALUE[,NAME=VALUE]` (repeatable) adds a policy
 "auto[NAME=VALUE]": auto with those controller settings (attributes of
 router/controller.py's Controller, e.g. margin=0.03, explore=0.0,
-dither_every=8), in the same interleaved run as everything else, so a knob's
+dither_every=8, or of its acceptance estimator as acceptance.NAME, e.g.
+acceptance.request_chain=1), in the same interleaved run as everything else, so a knob's
 A/B shares the machine's drift; in grid cells its figures are a table of their
 own and JSON rows of that policy; in the traces (--trace) it is a row of the
 trace's table; with the real drafters (--real) a table of their own again.
@@ -99,10 +100,13 @@ FIXED_AT_START = {"runner", "proposer", "k_max", "profile", "profile_budget_s", 
 
 
 def variant_knobs() -> set:
-    """The Controller settings an auto variant may set."""
+    """The Controller settings an auto variant may set, and its acceptance estimator's as "acceptance.NAME"."""
     import inspect
+    from specmoe.router.acceptance import AcceptanceEstimator
     from specmoe.router.controller import Controller
-    return set(inspect.signature(Controller.__init__).parameters) - FIXED_AT_START - {"self"}
+    est = set(inspect.signature(AcceptanceEstimator.__init__).parameters) - {"self", "k_max"}
+    return (set(inspect.signature(Controller.__init__).parameters) - FIXED_AT_START - {"self"}) | {
+        "acceptance." + n for n in est}
 
 
 def make_engine(runner, policy, proposer_factory=None, profiled=None, spec=None):
@@ -131,9 +135,11 @@ def make_engine(runner, policy, proposer_factory=None, profiled=None, spec=None)
         else:
             eng = build(k=max(KS), auto=True)
         for name, value in variant_settings(policy).items():    # before any step: the controller's knobs
-            if not hasattr(eng.controller, name):
+            owner, _, attr = name.rpartition(".")
+            obj = getattr(eng.controller, owner) if owner else eng.controller
+            if not hasattr(obj, attr):
                 raise SystemExit(f"--auto-variant: the controller has no setting {name!r}")
-            setattr(eng.controller, name, value)
+            setattr(obj, attr, value)
         return eng
     return build(k=int(policy[2:]))
 

@@ -10,7 +10,7 @@ import torch
 from specmoe import Engine, SamplingParams
 from specmoe.drafter import SyntheticProposer
 from specmoe.experts.runner import ModelRunner
-from specmoe.router.acceptance import AcceptanceEstimator
+from specmoe.router.acceptance import MOST_STRENGTH, AcceptanceEstimator
 from specmoe.router.controller import Controller
 from specmoe.router.cost_model import KNEES, CostModel, DistinctExperts, nnls
 from specmoe.router.params import SamplingParams as SP
@@ -140,6 +140,49 @@ def test_acceptance_prior_strength_follows_how_much_requests_differ(spread):
         assert first[0] < 0.3 and first[-1] > 0.8
     else:
         assert est.strength > 8 * est.prior_strength
+
+
+def test_a_request_that_fails_its_first_drafts_expects_little_deeper():
+    """Copy-like (0.9) and free-text (0.2) requests share the batches, eight
+    drafts each: the curve's deeper positions are the copy-like ones' (only they
+    get that far). A fresh free-text request that rejected its first draft three
+    times prices eight drafts at under half what the curve's deeper positions
+    alone would give (request_chain, off by default), a copy-like one as before; where every
+    request accepts alike (the prior at its strongest) nothing changes."""
+    rng = np.random.default_rng(7)
+
+    def verify(p):
+        a = 0
+        while a < 8 and rng.random() < p:
+            a += 1
+        return a
+
+    def load(est, rates):
+        for step in range(200):
+            ids = [1000 + 4 * (step // 32) + j for j in range(4)]
+            est.observe(ids, [8] * 4, [verify(p) for p in rates])
+            if step % 32 == 31:
+                for i in ids:
+                    est.forget(i)
+    est = AcceptanceEstimator(8, age_cap=2, frontier_only=True, request_chain=True)
+    load(est, [0.9, 0.2, 0.9, 0.2])
+    curve = est.global_curve
+    assert curve[0] < 0.6 and curve[2:].min() > 0.75 and est.strength < MOST_STRENGTH
+    for _ in range(3):
+        est.observe([1, 2], [8, 8], [0, 8])
+    chained = est.gains([1, 2])
+    est.request_chain = False
+    plain = est.gains([1, 2])
+    assert chained[0][8] < 0.5 * plain[0][8] and plain[0][8] > 1.2
+    assert chained[0][1] == pytest.approx(plain[0][1])             # the first position is the request's own
+    assert chained[1][8] == pytest.approx(plain[1][8], rel=0.02)
+    alike = AcceptanceEstimator(8, age_cap=2, frontier_only=True, request_chain=True)
+    load(alike, [0.6] * 4)
+    assert alike.strength == MOST_STRENGTH
+    live = [1000 + 4 * 6 + j for j in range(4)]
+    chained = alike.gains(live)
+    alike.request_chain = False
+    assert alike.gains(live) == chained
 
 
 def test_acceptance_counts_follow_the_censored_updates():
