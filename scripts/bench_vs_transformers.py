@@ -51,9 +51,15 @@ def main() -> None:
     ap.add_argument("--conf-k", type=int, default=20, help="specmoe's confidence-stopped draft model: most drafts")
     ap.add_argument("--min-confidence", type=float, default=0.4)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--small-rows", type=int, default=None,
+                    help="specmoe's few-row linear threshold (kernels/linear.py SMALL_ROWS; 0: plain F.linear), "
+                         "for an A/B of it")
     a = ap.parse_args()
     if a.threads is not None:
         torch.set_num_threads(a.threads)
+    if a.small_rows is not None:
+        from specmoe.kernels import linear as few_rows
+        few_rows.SMALL_ROWS = a.small_rows
     import transformers
     from transformers import AutoModelForCausalLM
 
