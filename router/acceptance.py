@@ -83,7 +83,8 @@ class _Curve:
 class AcceptanceEstimator:
     def __init__(self, k_max: int, prior_mean: float = 0.6, prior_strength: float = 4.0,
                  global_decay: float = 0.99, request_decay: float = 0.95, chain_strength: float = 4.0,
-                 age_cap: int | None = None, frontier_only: bool = False, request_chain: bool = False):
+                 age_cap: int | None = None, frontier_only: bool = False, request_chain: bool = False,
+                 outlier_z: float = 0.0):
         """age_cap: a step's verifications age the global curves as at most this many would (None: all of
         them), so at a large batch the curves keep more than ~1 / (1 - global_decay) verifications' evidence
         (at batch 64 and 0.99 the curves aged by half every step). frontier_only: the exploration bonus
@@ -94,7 +95,13 @@ class AcceptanceEstimator:
         so a request that keeps failing its first draft expects little deeper too; the curve's deeper
         positions are set by the requests that got that far, which in a mixed load are the good ones. Not
         where the requests' spread says they accept alike (the prior at its strongest): there what sets a
-        request apart from the curve is noise, and scaling every deeper position by it would compound."""
+        request apart from the curve is noise, and scaling every deeper position by it would compound.
+        outlier_z: a request whose own first-position counts lie more than this many standard deviations
+        from the curve's rate there is estimated over a prior of the base strength, not the fitted one, so
+        after a load where every request accepted alike (the prior at its strongest) a request that
+        accepts otherwise follows its own evidence (eight straight rejections at a curve of 0.55: under
+        0.35, not over 0.45). 0 (off) by default: at 2.5, 0.95x of without on dense-bench's hetero trace and 1.00-1.01x
+        on the other three (docs/BENCHMARKS.md "Session 15")."""
         if k_max < 1:
             raise ValueError(f"k_max must be >= 1, got {k_max}")
         self.k_max, self.prior_strength = k_max, prior_strength
@@ -102,6 +109,7 @@ class AcceptanceEstimator:
         self.prior_mean, self.chain_strength, self.age_cap = prior_mean, chain_strength, age_cap
         self._frontier_only = bool(frontier_only)
         self.request_chain = bool(request_chain)
+        self.outlier_z = outlier_z
         self._all = _Curve(k_max)               # every verification
         self._kinds: dict = {}                  # proposal kind -> _Curve of that kind's verifications
         self._req: dict[int, dict] = {}         # request id -> {kind: (decayed accepted, decayed observed)}
@@ -191,12 +199,17 @@ class AcceptanceEstimator:
 
     def rates(self, req_ids, explore: float = 0.0, kinds=None) -> list[list[float]]:
         """Per request, its conditional acceptance per position (lists; see estimate)."""
-        s, s0 = self.strength, self.prior_strength
+        fitted, s0, z = self.strength, self.prior_strength, self.outlier_z
         out = []
         for i, rid in enumerate(req_ids):
             kind = kinds[i] if kinds is not None else None
             c = self._curve(kind)
             a, n = self._counts(rid, kind)
+            s = fitted
+            if z and s > s0 and n[0] >= 4:        # a request the curve does not describe: its own evidence
+                p0 = c.curve[0]
+                if abs(a[0] - n[0] * p0) > z * math.sqrt(n[0] * p0 * (1.0 - p0)):
+                    s = s0
             if self.request_chain and s < MOST_STRENGTH:     # not where requests accept alike (see _fit_strength)
                 row, ratio = [], 1.0
                 for x, m, p in zip(a, n, c.curve):

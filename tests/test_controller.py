@@ -185,6 +185,30 @@ def test_a_request_that_fails_its_first_drafts_expects_little_deeper():
     assert alike.gains(live) == chained
 
 
+def test_a_request_the_curve_does_not_describe_follows_its_own_evidence():
+    """After a load where every request accepted alike at 0.55 (the prior at
+    its strongest), a new request rejecting its first draft eight times in a row
+    is estimated over the base-strength prior (outlier_z, off by default): under 0.35 at
+    position 0, where the fitted prior alone keeps it near the curve; a request
+    accepting as the curve does keeps the fitted prior."""
+    rng = np.random.default_rng(3)
+    est = AcceptanceEstimator(4, outlier_z=2.5)
+    for step in range(300):
+        ids = [100 + 4 * (step // 20) + j for j in range(4)]
+        est.observe(ids, [4] * 4, [int(np.argmin(np.append(rng.random(4) < 0.55, False))) for _ in ids])
+        if step % 20 == 19:
+            for i in ids:
+                est.forget(i)
+    assert est.strength == MOST_STRENGTH and 0.5 < est.global_curve[0] < 0.6
+    for _ in range(8):
+        est.observe([1, 2], [4, 4], [0, int(rng.random() < 0.55)])
+    own = est.estimate([1, 2])
+    est.outlier_z = 0.0
+    fitted = est.estimate([1, 2])
+    assert own[0, 0] < 0.35 and fitted[0, 0] > 0.45
+    np.testing.assert_allclose(own[1], fitted[1])
+
+
 def test_acceptance_counts_follow_the_censored_updates():
     """Each verification of d drafts with a accepted: positions 0..a-1
     accepted, position a rejected when a < d, nothing seen beyond; seen
