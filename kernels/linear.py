@@ -3,9 +3,9 @@
 On the CPU build of torch (MKL) `F.linear(x, w)` with one to three rows of x
 runs a matrix-vector kernel over w's rows that streams a large weight at well
 under the memory bandwidth: on the 2-core AMD EPYC VM, one torch thread, the
-8192 x 512 LM head of moe-bench took 1.19 / 1.70 / 2.18 ms for 1 / 2 / 3 rows
-against 0.48 / 0.76 / 1.22 ms as `x @ w.t().contiguous()`, the same from 4
-rows on (docs/BENCHMARKS.md "Few-row linears"). So on CPU, in float32, a
+8192 x 512 LM head of moe-bench took 0.81 / 1.43 / 2.15 ms for 1 / 2 / 3 rows
+against 0.42 / 0.85 / 1.02 ms as `x @ w.t().contiguous()`, the same from 4
+rows on (scripts/bench_linear.py, docs/BENCHMARKS.md "Session 15"). So on CPU, in float32, a
 weight multiplied by at most `SMALL_ROWS` rows goes through a transposed copy
 of it, made on first use and again whenever the weight changed (in place, as
 a checkpoint load does, or replaced). The copy doubles the memory of the

@@ -90,9 +90,9 @@ class AcceptanceEstimator:
         (at batch 64 and 0.99 the curves aged by half every step). frontier_only: the exploration bonus
         (`rates(explore=)`) at the first position seen fewer than chain_strength times alone, not at every
         position up to it. request_chain (off by default: no gain measured, docs/BENCHMARKS.md "Session
-        15"): a request's prior at a position past the first is the curve's
-        there times how the request's estimate at the position before compares with the curve's (at most 1),
-        so a request that keeps failing its first draft expects little deeper too; the curve's deeper
+        15"): a request's prior at a position past the first is the curve's there times how the request's
+        estimate at the position before compares with the curve's (at most 1), so a request that keeps
+        failing its first draft expects little deeper too; the curve's deeper
         positions are set by the requests that got that far, which in a mixed load are the good ones. Not
         where the requests' spread says they accept alike (the prior at its strongest): there what sets a
         request apart from the curve is noise, and scaling every deeper position by it would compound.
@@ -100,8 +100,8 @@ class AcceptanceEstimator:
         from the curve's rate there is estimated over a prior of the base strength, not the fitted one, so
         after a load where every request accepted alike (the prior at its strongest) a request that
         accepts otherwise follows its own evidence (eight straight rejections at a curve of 0.55: under
-        0.35, not over 0.45). 0 (off) by default: at 2.5, 0.95x of without on dense-bench's hetero trace and 1.00-1.01x
-        on the other three (docs/BENCHMARKS.md "Session 15")."""
+        0.35, not over 0.45). 0 (off) by default: at 2.5, 0.95x of without on dense-bench's hetero
+        trace and 1.00-1.01x on the other three (docs/BENCHMARKS.md "Session 15")."""
         if k_max < 1:
             raise ValueError(f"k_max must be >= 1, got {k_max}")
         self.k_max, self.prior_strength = k_max, prior_strength
