@@ -27,8 +27,8 @@ position shallower (`request_chain`, at most 1; off by default, no gain
 measured on the heterogeneous trace): in a load of copy-like and
 free-text requests the curve's deeper positions are the copy-like ones' (only
 they get that far), and a free-text request that had rejected its first draft
-three times still priced eight drafts at 1.5 tokens (0.6 with the scaling;
-tests/test_controller.py); not where requests accept alike (the prior at its
+three times still prices eight drafts at over 1.2 tokens, under half that
+with the scaling (tests/test_controller.py); not where requests accept alike (the prior at its
 strongest), where the difference is noise. Counts are plain Python
 lists (k_max floats per request): a step reads and updates a few of them right
 after a forward pass, when numpy's per-call cost runs 2-4x its warm figure

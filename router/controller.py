@@ -175,13 +175,13 @@ class Controller:
         # Off probes (module docstring): undrafted steps that fed the cost model, as (observe count, sequences)
         self.off_probe_every, self.off_probe_gain = off_probe_every, off_probe_gain
         self._base_seen: deque = deque(maxlen=32)
-        self._last_off_probe = None     # the observe count of the last; at most one in off_probe_every steps
+        self._last_off_probe = -math.inf   # the observe count of the last; at most one in off_probe_every steps
         self.plan_gain = 1.0            # the last full plan's expected goodput over none drafting (greedy_plan's)
         self.off_probes = 0
         # draft probes (off by default): the mirror of an off probe, see plan
         self.draft_probe_every = draft_probe_every
         self._drafted_seen: deque = deque(maxlen=32)
-        self._last_draft_probe = None   # as _last_off_probe (None: none yet, whenever the knob was set)
+        self._last_draft_probe = -math.inf     # as _last_off_probe (none yet: due whenever the knob is set)
         self.draft_probes = 0
         # Dither (module docstring; off by default): 1 in dither_every drafting steps runs every drafting
         # request one draft deeper or shallower (alternately), so the local line sees the plan's margin.
@@ -266,15 +266,14 @@ class Controller:
             self._last, self._last_breakeven, self._since_full = last, breakeven, 0
         off_probe = (not reuse and not self.fallback and self.off_probe_every > 0 and any(k[i] for i in auto)
                      and not any(fixed_k) and self.plan_gain < 1.0 + self.off_probe_gain
-                     and (self._last_off_probe is None or self._observed - self._last_off_probe >= self.off_probe_every)
+                     and self._observed - self._last_off_probe >= self.off_probe_every
                      and not self._base_known(len(sched)))
         if off_probe:
             self.off_probes += 1
             self._last_off_probe = self._observed
-        last_dp = self._last_draft_probe
         draft_probe = (not reuse and not self.fallback and self.draft_probe_every > 0 and bool(auto)
                        and not any(k[i] for i in auto) and not any(fixed_k)
-                       and (last_dp is None or self._observed - last_dp >= self.draft_probe_every)
+                       and self._observed - self._last_draft_probe >= self.draft_probe_every
                        and not self._drafted_known(len(sched)))
         if draft_probe:         # one draft each, cooled-down requests left out
             probe_k = {i: 0 if (st := self._state.get(sched[i].req.id)) is not None and st.cooldown > 0

@@ -87,11 +87,12 @@ def main() -> None:
         def step(q, small):
             lin.SMALL_ROWS = small
             runner.run([Chunk(0, 40, toks[q])], num_logits=[q], full=[False])
+        default = lin.SMALL_ROWS
         try:
             fns = {(q, s): (lambda q=q, s=s: step(q, s)) for q in qs for s in (0, 3)}
             b = fastest(fns, a.rounds, 1)
         finally:
-            lin.SMALL_ROWS = 3
+            lin.SMALL_ROWS = default
         print(f"| {name} | " + " | ".join(f"{b[(q, 0)] * 1e3:.2f} / {b[(q, 3)] * 1e3:.2f} "
                                           f"({b[(q, 3)] / b[(q, 0)]:.2f}x)" for q in qs) + " |")
 

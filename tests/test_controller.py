@@ -144,11 +144,12 @@ def test_acceptance_prior_strength_follows_how_much_requests_differ(spread):
 
 def test_a_request_that_fails_its_first_drafts_expects_little_deeper():
     """Copy-like (0.9) and free-text (0.2) requests share the batches, eight
-    drafts each: the curve's deeper positions are the copy-like ones' (only they
-    get that far). A fresh free-text request that rejected its first draft three
-    times prices eight drafts at under half what the curve's deeper positions
-    alone would give (request_chain, off by default), a copy-like one as before; where every
-    request accepts alike (the prior at its strongest) nothing changes."""
+    drafts each: the curve's deeper positions are the copy-like ones' (only
+    they get that far). With request_chain (off by default) a fresh free-text
+    request that rejected its first draft three times prices eight drafts at
+    under half what the curve's deeper positions alone would give, a copy-like
+    one as before; where every request accepts alike (the prior at its
+    strongest) nothing changes."""
     rng = np.random.default_rng(7)
 
     def verify(p):
@@ -187,10 +188,10 @@ def test_a_request_that_fails_its_first_drafts_expects_little_deeper():
 
 def test_a_request_the_curve_does_not_describe_follows_its_own_evidence():
     """After a load where every request accepted alike at 0.55 (the prior at
-    its strongest), a new request rejecting its first draft eight times in a row
-    is estimated over the base-strength prior (outlier_z, off by default): under 0.35 at
-    position 0, where the fitted prior alone keeps it near the curve; a request
-    accepting as the curve does keeps the fitted prior."""
+    its strongest), with outlier_z (off by default) a new request rejecting its
+    first draft eight times in a row is estimated over the base-strength prior:
+    under 0.35 at position 0, where the fitted prior alone keeps it near the
+    curve; a request accepting as the curve does keeps the fitted prior."""
     rng = np.random.default_rng(3)
     est = AcceptanceEstimator(4, outlier_z=2.5)
     for step in range(300):
