@@ -299,6 +299,13 @@ def print_phases(phases, per_phase, best_phase) -> None:
               f"{per_phase['auto'][i] / per_phase[bp][i]:.2f}x | {per_phase['auto'][i] / per_phase['off'][i]:.2f}x |")
 
 
+def trace_rows(model, ep, kind, phases, per_phase) -> list:
+    """A trace's JSON rows, one a policy and phase: per_phase's median tokens/s; a hetero phase's alphas a list."""
+    return [{"model": model, "ep": ep, "trace": kind, "phase": i, "batch": b,
+             "alpha": list(a) if isinstance(a, tuple) else a, "policy": p, "tokens_per_s": v[i]}
+            for p, v in per_phase.items() for i, (b, a) in enumerate(phases)]
+
+
 def tokens_for(args, batch: int) -> int:
     return max(args.new_tokens, -(-args.min_tokens // batch))
 
@@ -399,6 +406,11 @@ def fmt_cell(res, ks):
     best = res[f"k={best_k}"]["tokens_per_s"]
     auto = res["auto"]["tokens_per_s"]
     return off, best_k, best, auto
+
+
+def grid_rows(rows) -> list:
+    """The rows the heatmap draws: the synthetic grid's, not a trace's nor the real drafters' (alpha None)."""
+    return [r for r in rows if r["alpha"] is not None and "trace" not in r]
 
 
 def heatmap(rows, path, ks):
@@ -615,9 +627,7 @@ def main(argv=None) -> int:
                       f"the per-phase oracle (each phase at its fastest fixed policy) / best single: "
                       f"{oracle / res[best_p]:.3f}x; auto / oracle: {res['auto'] / oracle:.3f}x")
                 print_phases(phases, per_phase, best_phase)
-                rows += [{"model": model, "ep": ep, "trace": kind, "phase": i, "batch": b,
-                          "alpha": list(a) if isinstance(a, tuple) else a, "policy": p, "tokens_per_s": v[i]}
-                         for p, v in per_phase.items() for i, (b, a) in enumerate(phases)]
+                rows += trace_rows(model, ep, kind, phases, per_phase)
             if hasattr(runner, "close"):
                 runner.close()
     if summary:
@@ -655,9 +665,8 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
         print(f"\nrows written to {args.json}")
-    grid_rows = [r for r in rows if r["alpha"] is not None and "trace" not in r]
-    if args.png and grid_rows:
-        heatmap(grid_rows, args.png, args.ks_list)
+    if args.png and grid_rows(rows):
+        heatmap(grid_rows(rows), args.png, args.ks_list)
     log("done")
     return 0
 
