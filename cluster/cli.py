@@ -1,6 +1,7 @@
 """The `specmoe` command line.
 
-    specmoe serve [--model PATH] [--port N] [--host H] [--ep N] [--config FILE] [--token T] ...
+    specmoe serve [--model PATH] [--port N] [--host H] [--ep N] [--config FILE] [--token T]
+                  [--few-row-linears ROWS] ...
     specmoe generate --target HOST:PORT [--max-tokens N] PROMPT     (over gRPC)
     specmoe generate --model PATH --prompt P [--prompt P ...]       (embedded engine, no server)
     specmoe stats --target HOST:PORT
@@ -16,6 +17,10 @@ import sys
 import time
 
 
+FEW_ROWS_HELP = ("CPU float32: rows up to which dense weights go through a transposed copy (faster decode, "
+                 "twice their memory); 0: no copies")
+
+
 def _generate(a: argparse.Namespace) -> int:
     from ..router.engine import Engine, SamplingParams
 
@@ -28,7 +33,7 @@ def _generate(a: argparse.Namespace) -> int:
             spec["layers"] = a.layers
     t0 = time.perf_counter()
     eng = Engine.from_pretrained(a.model, device=a.device, dtype=a.dtype, max_batch=max(len(a.prompt), 1),
-                                 max_seq_len=a.max_seq_len, speculation=spec)
+                                 max_seq_len=a.max_seq_len, speculation=spec, few_row_linears=a.few_row_linears)
     c = eng.config
     moe = f"{c.moe.num_experts} experts top-{c.moe.top_k} in {len(c.moe.layers)} layers" if c.moe else "dense"
     print(f"loaded {c.architecture} ({c.num_layers} layers, hidden {c.hidden_size}, {moe}) "
@@ -90,6 +95,7 @@ def _serve(a: argparse.Namespace) -> int:
             "server.drain_timeout_s": a.drain_timeout,
             "engine.model": a.model, "engine.ep": a.ep, "engine.device": a.device, "engine.dtype": a.dtype,
             "engine.max_batch": a.max_batch, "engine.max_seq_len": a.max_seq_len, "engine.speculation": a.speculation,
+            "engine.few_row_linears": a.few_row_linears,
             "ray.address": a.address, "ray.num_cpus": a.num_cpus, "ray.metrics_export_port": a.metrics_export_port,
             "ray.include_dashboard": False if a.no_dashboard else None}
     return run(load_config(a.config, over))
@@ -145,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-batch", type=int, help="KV-cache slots (requests running at once)")
     s.add_argument("--max-seq-len", type=int, help="context per request")
     s.add_argument("--speculation", help="auto | off (default auto)")
+    s.add_argument("--few-row-linears", type=int, metavar="ROWS", help=FEW_ROWS_HELP + " (default 3)")
     s.add_argument("--address", help="Ray cluster to join (auto, or HOST:PORT); default: start a local one")
     s.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance")
     s.add_argument("--metrics-export-port", type=int, help="Prometheus port of the local Ray instance (default 8080)")
@@ -168,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--k", type=int, default=None, help="draft tokens per step")
     g.add_argument("--draft-model", help="draft checkpoint for --speculation draft_model")
     g.add_argument("--layers", type=int, default=1, help="first layers used by --speculation layer_skip")
+    g.add_argument("--few-row-linears", type=int, default=3, metavar="ROWS", help=FEW_ROWS_HELP)
 
     st = sub.add_parser("stats", help="the server's monitoring snapshot (JSON)")
     _add_target(st)

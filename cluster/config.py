@@ -8,6 +8,7 @@ from pathlib import Path
 
 import msgspec
 
+from ..kernels.linear import DEFAULT_ROWS, check_rows
 from ..router.params import parse_speculation
 
 
@@ -44,6 +45,8 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_tokens_per_step: int = 4096  # per-step token budget (longer prompts are prefilled in parts)
     speculation: str | dict = "auto"  # "auto", "off" or a dict of router.params.SpeculationConfig fields
     ep: int = 1                     # expert-parallel degree (Ray workers); 1: the model runs in the router
+    few_row_linears: int = DEFAULT_ROWS  # CPU float32: rows up to which dense weights use a transposed copy
+                                         # (faster decode, 2x their memory; 0: no copies), in every process
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16"):
@@ -53,6 +56,10 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                               f"{self.max_batch}, {self.max_seq_len}")
         if self.ep < 1:
             raise ConfigError(f"engine.ep must be >= 1, got {self.ep}")
+        try:
+            check_rows(self.few_row_linears, "engine.few_row_linears")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         try:
             parse_speculation(self.speculation)
         except ValueError as e:

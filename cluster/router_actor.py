@@ -28,7 +28,8 @@ def build_engine(ec: EngineConfig):
     try:
         return Engine.from_pretrained(ec.model, device=ec.device, dtype=ec.dtype, max_batch=ec.max_batch,
                                       max_seq_len=ec.max_seq_len, speculation=ec.speculation, ep=ec.ep,
-                                      max_tokens_per_step=ec.max_tokens_per_step)
+                                      max_tokens_per_step=ec.max_tokens_per_step,
+                                      few_row_linears=ec.few_row_linears)
     except ImportError as e:
         if ec.ep > 1:
             raise RuntimeError(f"engine.ep={ec.ep}: expert parallelism is not available in this specmoe "

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import msgspec
 import torch
 
+from ..kernels import linear as few_rows
 from .batch import Chunk
 from .checkpoint import DTYPES, read_checkpoint
 from .ep_channel import ChannelError, RouterChannel
@@ -103,7 +104,7 @@ class EPRunner:
                  num_cpus_per_worker: float | None = None, bundle_resources: dict | None = None,
                  expert_load: Sequence[float] | None = None, step_timeout_s: float = 120.0,
                  collective_timeout_s: float = 60.0, startup_timeout_s: float = 120.0, poll_s: float = 0.2,
-                 control: str = "socket", comm: str = "torch"):
+                 control: str = "socket", comm: str = "torch", few_row_linears: int | None = None):
         """Start `ep` workers for the checkpoint at `path`. expert_load (per
         expert, e.g. tokens routed) switches placement from contiguous to
         balanced. num_cpus_per_worker defaults to 1 on CUDA (plus one GPU) and to
@@ -113,7 +114,10 @@ class EPRunner:
         call per worker and step) or "compiled" (a Ray compiled graph over
         shared-memory channels, whose idle readers spin); see
         docs/BENCHMARKS.md. comm: "torch" or "deepspeed" (the all-to-all
-        through deepspeed.comm; optional extra, benchmark only)."""
+        through deepspeed.comm; optional extra, benchmark only). few_row_linears
+        (kernels/linear.py; 0: no transposed copies) is set in every worker's
+        process and in this one (where a draft model runs); None: this
+        process's setting."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -129,6 +133,7 @@ class EPRunner:
             raise ValueError(f"control {control!r}: expected 'socket', 'actor' or 'compiled'")
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPES)}")
+        few_rows.set_small_rows(few_rows.SMALL_ROWS if few_row_linears is None else few_row_linears)
         self.checkpoint = read_checkpoint(path)
         self.config = c = self.checkpoint.config
         if c.moe is None:
@@ -179,7 +184,8 @@ class EPRunner:
                 num_cpus=num_cpus_per_worker, num_gpus=1 if cuda else 0, resources=bundle_resources or {},
                 max_restarts=0, max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
-            ).remote(str(self.checkpoint.path), r, enc, device, dtype, max_seqs, max_seq_len, threads))
+            ).remote(str(self.checkpoint.path), r, enc, device, dtype, max_seqs, max_seq_len, threads,
+                     few_rows.SMALL_ROWS))
         try:
             self.nodes = self._gather([w.node.remote() for w in self.workers], "start-up", startup_timeout_s)
             host, port = self._gather([self.workers[0].rendezvous.remote(collective_timeout_s)], "rendezvous",

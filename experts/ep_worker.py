@@ -27,6 +27,7 @@ from datetime import timedelta
 import msgspec
 import torch
 
+from ..kernels import linear as few_rows
 from ..kernels.verify import SampleSpec
 from .batch import Chunk
 from .placement import Placement
@@ -77,8 +78,9 @@ class EPWorker:
     """The actor body (ep_runner wraps it with ray.remote and its resources)."""
 
     def __init__(self, path: str, rank: int, placement: bytes, device: str, dtype: str, max_seqs: int,
-                 max_seq_len: int, num_threads: int = 1):
+                 max_seq_len: int, num_threads: int = 1, few_row_linears: int = few_rows.DEFAULT_ROWS):
         torch.set_num_threads(num_threads)
+        few_rows.set_small_rows(few_row_linears)      # this worker's process (kernels/linear.py)
         self.path, self.rank = path, rank
         self.placement = msgspec.msgpack.decode(placement, type=Placement)
         self.W = self.placement.num_ranks
@@ -164,6 +166,11 @@ class EPWorker:
 
     def ping(self) -> int:
         return self.rank
+
+    def linear_copies(self) -> dict:
+        """This process's few-row linear setting and the transposed copies it holds (kernels/linear.py)."""
+        n, nbytes = few_rows.copies()
+        return {"few_row_linears": few_rows.SMALL_ROWS, "copies": n, "bytes": nbytes}
 
     def step(self, plan_bytes: bytes) -> bytes:
         """One step through Ray (actor call or compiled graph): the result with its logits inline."""

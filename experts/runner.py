@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels import linear as few_rows
 from ..kernels.sampling import greedy, probs_from_logits
 from ..kernels.verify import SampleSpec, verify_sampling_u
 from .batch import BatchMeta, Chunk
@@ -96,7 +97,14 @@ class ModelRunner:
         self.cache = KVCache(model.config, max_seqs, max_seq_len, model.device, model.dtype)
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype="float32", max_seqs: int = 8, max_seq_len: int = 2048):
+    def from_pretrained(cls, path, device="cpu", dtype="float32", max_seqs: int = 8, max_seq_len: int = 2048,
+                        few_row_linears: int | None = None):
+        """few_row_linears: rows up to which a dense weight goes through its transposed
+        copy on CPU in float32 (kernels/linear.py; 0: no copies); it is set for
+        this process, so it also holds for other models loaded in it. None (a
+        draft model's load) leaves the process's setting as it is."""
+        if few_row_linears is not None:
+            few_rows.set_small_rows(few_row_linears)
         model, ckpt = load_model(path, device=device, dtype=dtype, max_positions=max_seq_len)
         return cls(model, ckpt, max_seqs, max_seq_len)
 

@@ -11,6 +11,12 @@ of it, made on first use and again whenever the weight changed (in place, as
 a checkpoint load does, or replaced). The copy doubles the memory of the
 dense weights that take this path (attention, dense MLPs, shared experts, the
 LM head); views (the routed experts, sliced per expert) never do.
+
+`SMALL_ROWS` is a setting of the process, set with `set_small_rows` from the
+engine option `few_row_linears` where forwards run (ModelRunner.from_pretrained;
+under expert parallelism the EPRunner and every EP worker, each in its own
+process); 0 turns the copies off, so a large model on CPU keeps one copy of
+its dense weights.
 """
 
 import weakref
@@ -18,9 +24,32 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-SMALL_ROWS = 3          # rows of x up to which the transposed copy is used (0: never)
+DEFAULT_ROWS = 3        # the few_row_linears default: MKL's matrix-vector kernel is slow for 1-3 rows
+SMALL_ROWS = DEFAULT_ROWS   # rows of x up to which the transposed copy is used in this process (0: never)
 
 _copies: dict[int, tuple] = {}      # id(w) -> (weakref to w, w's version, w.t().contiguous())
+
+
+def check_rows(rows, name: str = "few_row_linears") -> int:
+    """rows if it is an integer >= 0 (0: no copies), else a ValueError naming the option."""
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+        raise ValueError(f"{name} must be an integer >= 0 (rows up to which a dense weight goes through its "
+                         f"transposed copy on CPU; 0: no copies), got {rows!r}")
+    return rows
+
+
+def set_small_rows(rows: int) -> None:
+    """Set SMALL_ROWS for this process (see check_rows); at 0 the copies made so far are dropped too."""
+    global SMALL_ROWS
+    SMALL_ROWS = check_rows(rows)
+    if SMALL_ROWS == 0:
+        _copies.clear()
+
+
+def copies() -> tuple[int, int]:
+    """(transposed copies held in this process, their bytes)."""
+    held = [hit[2] for hit in list(_copies.values())]
+    return len(held), sum(t.numel() * t.element_size() for t in held)
 
 
 def transposed(w: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from ..drafter.base import DraftInput, Proposal, Proposer
 from ..experts.batch import Chunk
 from ..experts.checkpoint import bundled_model
 from ..experts.runner import ModelRunner
+from ..kernels import linear as few_rows
 from ..kernels.sampling import probs_from_logits
 from ..kernels.verify import SampleSpec, accept_greedy, draw_uniforms, verify_sampling_u
 from .controller import Controller
@@ -96,25 +97,32 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu", dtype: str = "float32",
                         max_batch: int = 8, max_seq_len: int = 2048, speculation=None, ep: int = 1,
-                        ray_address: str | None = None, ep_options: dict | None = None, **kwargs) -> "Engine":
+                        ray_address: str | None = None, ep_options: dict | None = None,
+                        few_row_linears: int = few_rows.DEFAULT_ROWS, **kwargs) -> "Engine":
         """Load a local Hugging Face checkpoint directory (see experts.checkpoint);
         without a path, the bundled tiny MoE. speculation: "off", "auto", or e.g.
         {"method": "ngram", "k": 4}. ep > 1 (or a ray_address) runs the model
         expert-parallel over `ep` Ray workers; ep=1 without Ray is the embedded mode.
-        ep_options go to EPRunner (placement_strategy, control="compiled", expert_load, ...)."""
+        ep_options go to EPRunner (placement_strategy, control="compiled", expert_load, ...).
+        few_row_linears: on CPU in float32, a dense weight times at most this many
+        rows goes through a transposed copy of it (faster, twice the dense
+        weights' memory; kernels/linear.py); 0 makes no copies. It is set in
+        every process that runs a forward (this one, each EP worker)."""
         if path is None:
             path = bundled_model("tiny-moe")
         if not isinstance(ep, int) or ep < 1:
             raise ValueError(f"ep must be an integer >= 1, got {ep!r}")
+        few_rows.check_rows(few_row_linears)
         if ep > 1 or ray_address is not None:
             from ..experts.ep_runner import EPRunner
             runner = EPRunner.from_pretrained(path, ep=ep, ray_address=ray_address, device=device, dtype=dtype,
-                                              max_seqs=max_batch, max_seq_len=max_seq_len, **(ep_options or {}))
+                                              max_seqs=max_batch, max_seq_len=max_seq_len,
+                                              few_row_linears=few_row_linears, **(ep_options or {}))
         elif ep_options:
             raise ValueError("ep_options need expert parallelism (ep > 1 or a ray_address)")
         else:
             runner = ModelRunner.from_pretrained(path, device=device, dtype=dtype, max_seqs=max_batch,
-                                                 max_seq_len=max_seq_len)
+                                                 max_seq_len=max_seq_len, few_row_linears=few_row_linears)
         tok = None
         tok_file = Path(path) / "tokenizer.json"
         if tok_file.exists():

@@ -52,14 +52,11 @@ def main() -> None:
     ap.add_argument("--min-confidence", type=float, default=0.4)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--small-rows", type=int, default=None,
-                    help="specmoe's few-row linear threshold (kernels/linear.py SMALL_ROWS; 0: plain F.linear), "
+                    help="specmoe's few_row_linears (kernels/linear.py; 0: plain F.linear; default 3), "
                          "for an A/B of it")
     a = ap.parse_args()
     if a.threads is not None:
         torch.set_num_threads(a.threads)
-    if a.small_rows is not None:
-        from specmoe.kernels import linear as few_rows
-        few_rows.SMALL_ROWS = a.small_rows
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -80,14 +77,15 @@ def main() -> None:
     hf_dk.generation_config.assistant_confidence_threshold = 0.0
     acc = HFAcceptance()
     cap = 1024
-    engines = {"draft_model": Engine.from_pretrained(a.target, max_batch=1, max_seq_len=cap, speculation={
+    few = {} if a.small_rows is None else {"few_row_linears": a.small_rows}
+    engines = {"draft_model": Engine.from_pretrained(a.target, max_batch=1, max_seq_len=cap, **few, speculation={
                    "method": "draft_model", "k": a.k, "draft_model": a.draft}),
-               "draft_model conf": Engine.from_pretrained(a.target, max_batch=1, max_seq_len=cap, speculation={
+               "draft_model conf": Engine.from_pretrained(a.target, max_batch=1, max_seq_len=cap, **few, speculation={
                    "method": "draft_model", "k": a.conf_k, "draft_model": a.draft,
                    "min_confidence": a.min_confidence}),
-               "ngram": Engine.from_pretrained(a.target, max_batch=1, max_seq_len=cap,
+               "ngram": Engine.from_pretrained(a.target, max_batch=1, max_seq_len=cap, **few,
                                                speculation={"method": "ngram", "k": a.k}),
-               "off": Engine.from_pretrained(a.target, max_batch=1, max_seq_len=cap)}
+               "off": Engine.from_pretrained(a.target, max_batch=1, max_seq_len=cap, **few)}
     tok = engines["off"].tokenizer
     N = a.new_tokens
     gen = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0)

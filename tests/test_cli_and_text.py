@@ -47,6 +47,16 @@ def test_cli_generate_and_errors(tiny, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_cli_generate_few_row_linears_reaches_the_embedded_engine(tiny, capsys, monkeypatch):
+    from specmoe.kernels import linear as few_rows
+    monkeypatch.setattr(few_rows, "SMALL_ROWS", few_rows.SMALL_ROWS)        # a setting of the process
+    assert main(["generate", "--model", str(tiny), "--prompt", "The quick", "--max-tokens", "4",
+                 "--few-row-linears", "0"]) == 0
+    assert "4 tokens" in capsys.readouterr().out and few_rows.SMALL_ROWS == 0 and few_rows.copies() == (0, 0)
+    assert main(["generate", "--model", str(tiny), "--prompt", "x", "--few-row-linears", "-1"]) == 2
+    assert "few_row_linears must be an integer >= 0" in capsys.readouterr().err
+
+
 def test_streamed_text_never_shows_a_stop_string_split_over_tokens(tiny):
     eng = Engine.from_pretrained(tiny, max_batch=2, max_seq_len=256)
     plain = eng.generate(["The quick"], SamplingParams(max_tokens=40, ignore_eos=True))[0]

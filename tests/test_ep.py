@@ -404,6 +404,31 @@ def test_engine_from_pretrained_ep_and_compiled_graph_control(ray_cluster, targe
         assert_same_or_near_tie(ref_eng, p, w, o.token_ids)
 
 
+def test_few_row_linears_reaches_every_worker_process(ray_cluster, target, monkeypatch):
+    """The option is set in each EP worker's own process (and the router's): at
+    0 one-row decode steps make no transposed copy on any rank; at 2 they do."""
+    import ray
+
+    from specmoe.experts.ep_runner import EPRunner
+    from specmoe.kernels import linear as few_rows
+    monkeypatch.setattr(few_rows, "SMALL_ROWS", few_rows.SMALL_ROWS)
+    for rows in (0, 2):
+        runner = EPRunner.from_pretrained(target, ep=2, max_seqs=2, max_seq_len=64, num_cpus_per_worker=0.5,
+                                          few_row_linears=rows)
+        try:
+            assert few_rows.SMALL_ROWS == rows
+            runner.run([Chunk(0, 0, PROMPTS[0]), Chunk(1, 0, PROMPTS[1])])          # slot s on rank s % 2
+            runner.run([Chunk(0, 8, [3]), Chunk(1, 11, [9])])
+            info = ray.get([w.linear_copies.remote() for w in runner.workers], timeout=60)
+        finally:
+            runner.close()
+        assert [i["few_row_linears"] for i in info] == [rows, rows]
+        if rows == 0:
+            assert [(i["copies"], i["bytes"]) for i in info] == [(0, 0), (0, 0)]
+        else:
+            assert all(i["copies"] >= 3 and i["bytes"] > 0 for i in info), info   # LM head and attention
+
+
 def test_seeded_sampling_with_a_draft_model_equals_single_process(runners, target, draft):
     """Rejection sampling runs in the router on the gathered logits: the same
     seed gives the same tokens as the single-process engine."""

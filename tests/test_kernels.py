@@ -182,3 +182,28 @@ def test_few_row_linear_is_f_linear_through_a_copy_that_follows_the_weight(monke
     monkeypatch.setattr(few_rows, "SMALL_ROWS", 0)
     few_rows.linear(x, w2)
     assert id(w2) not in few_rows._copies
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, "3", True, None])
+def test_few_row_linears_refuses_what_is_not_a_row_count_naming_it(bad, monkeypatch):
+    before = few_rows.SMALL_ROWS
+    monkeypatch.setattr(few_rows, "SMALL_ROWS", before)                      # restored after the test
+    with pytest.raises(ValueError, match=r"few_row_linears must be an integer >= 0 .*got"):
+        few_rows.set_small_rows(bad)
+    assert few_rows.SMALL_ROWS == before and few_rows.DEFAULT_ROWS == 3      # unchanged; the default
+
+
+def test_few_row_linears_sets_the_row_count_and_0_drops_every_copy(monkeypatch):
+    """set_small_rows(n): up to n rows take the copy; 0 drops the copies made so
+    far (their memory) and makes no new one."""
+    monkeypatch.setattr(few_rows, "SMALL_ROWS", few_rows.SMALL_ROWS)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(200, 32, generator=g)
+    few_rows.set_small_rows(5)
+    few_rows.linear(torch.randn(5, 32, generator=g), w)
+    assert id(w) in few_rows._copies and few_rows.copies()[1] >= w.numel() * 4
+    few_rows.set_small_rows(0)
+    assert few_rows.copies() == (0, 0)
+    x = torch.randn(1, 32, generator=g)
+    torch.testing.assert_close(few_rows.linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-5)
+    assert few_rows.copies() == (0, 0)
