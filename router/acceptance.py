@@ -84,7 +84,7 @@ class AcceptanceEstimator:
     def __init__(self, k_max: int, prior_mean: float = 0.6, prior_strength: float = 4.0,
                  global_decay: float = 0.99, request_decay: float = 0.95, chain_strength: float = 4.0,
                  age_cap: int | None = None, frontier_only: bool = False, request_chain: bool = False,
-                 outlier_z: float = 0.0):
+                 outlier_z: float = 0.0, change_h: float = 0.0, change_odds: float = 3.0):
         """age_cap: a step's verifications age the global curves as at most this many would (None: all of
         them), so at a large batch the curves keep more than ~1 / (1 - global_decay) verifications' evidence
         (at batch 64 and 0.99 the curves aged by half every step). frontier_only: the exploration bonus
@@ -101,7 +101,12 @@ class AcceptanceEstimator:
         after a load where every request accepted alike (the prior at its strongest) a request that
         accepts otherwise follows its own evidence (eight straight rejections at a curve of 0.55: under
         0.35, not over 0.45). 0 (off) by default: at 2.5, 0.95x of without on dense-bench's hetero
-        trace and 1.00-1.01x on the other three (docs/BENCHMARKS.md "Session 15")."""
+        trace and 1.00-1.01x on the other three (docs/BENCHMARKS.md "Session 15").
+        change_h: the threshold of a change test on the load (0: off; see _watch): when the first-position
+        outcomes of the steps since some step are more than e**change_h times likelier under odds change_odds
+        times (or 1 / change_odds times) the curves' than under the curves', the curves keep as much of
+        the evidence from before that step as there is after it, and the finished
+        requests' rates the prior strength is fitted from are dropped: the load changed."""
         if k_max < 1:
             raise ValueError(f"k_max must be >= 1, got {k_max}")
         self.k_max, self.prior_strength = k_max, prior_strength
@@ -116,6 +121,11 @@ class AcceptanceEstimator:
         self.strength = prior_strength         # the per-request prior's strength in use (see _fit_strength)
         self._since_strength = 0
         self._past: deque = deque(maxlen=32)    # (accepted, seen, kind) at position 0 of finished requests
+        self.change_h, self.change_odds = change_h, change_odds
+        self.changes = 0                        # load changes the change test found
+        self._up = self._down = 0.0             # the change test's statistics (log likelihood ratios) ...
+        self._up_steps = self._down_steps = 0   # ... and the steps since each was last 0
+        self._recent: deque = deque(maxlen=64)  # the last steps' verifications, (d, acc, kind) each
 
     @property
     def frontier_only(self) -> bool:
@@ -261,6 +271,8 @@ class AcceptanceEstimator:
         # position the plans stopped reaching drifts back toward its trend prior
         # (the shallower positions' rate), so it is tried again if that makes it pay.
         # A kind's curve ages with that kind's verifications.
+        if self.change_h:
+            self._watch(batch)
         self._since_strength += 1
         if self._since_strength >= 16:
             self._fit_strength()
@@ -285,6 +297,56 @@ class AcceptanceEstimator:
             for j in range(min(a + 1, d)):
                 ar[j] = ar[j] * rd + (1.0 if j < a else 0.0)
                 nr[j] = nr[j] * rd + 1.0
+
+    def _watch(self, batch) -> None:
+        """A two-sided CUSUM test (Page 1954) on the step's first-position outcomes against the curves' rate
+        there (each proposal's kind's, before this step's update): a log likelihood ratio for odds change_odds
+        times the curve's, one for 1 / change_odds times, each summed over the steps since it was last below 0.
+        Past change_h, the change happened after the step the statistic was last 0: the curves are shrunk to
+        as many verifications at position 0 as those steps before this one hold (at least chain_strength;
+        every position by the same factor), those steps' verifications are counted again over that, and both
+        tests restart (this step's are added as any step's are). Kept as much as the window, the old load
+        tempers a false alarm's jump: the window the test picked is the most extreme run of its steps, and a
+        curve rebuilt from it alone set off a further alarm the other way. The
+        curves' own aging is too slow for this: at age_cap verifications a step they keep ~50 steps of a
+        load, and a new load of 32 tokens a request is over before they have followed it."""
+        r = self.change_odds
+        up = down = 0.0
+        for _, d, acc, kind in batch:
+            p = min(max(self._curve(kind).curve[0], 0.02), 0.98)
+            o = p / (1.0 - p)
+            pu, pd = o * r / (1.0 + o * r), o / r / (1.0 + o / r)
+            if acc:
+                up += math.log(pu / p)
+                down += math.log(pd / p)
+            else:
+                up += math.log((1.0 - pu) / (1.0 - p))
+                down += math.log((1.0 - pd) / (1.0 - p))
+        self._up, self._down = max(0.0, self._up + up), max(0.0, self._down + down)
+        self._up_steps = self._up_steps + 1 if self._up > 0 else 0
+        self._down_steps = self._down_steps + 1 if self._down > 0 else 0
+        fired = max((s, n) for s, n in ((self._up, self._up_steps), (self._down, self._down_steps)))
+        if fired[0] <= self.change_h:
+            self._recent.append([(d, acc, kind) for _, d, acc, kind in batch])
+            return
+        steps = list(self._recent)
+        since = [v for step in steps[max(0, len(steps) - (fired[1] - 1)):] for v in step]
+        keep = max(self.chain_strength, float(len(since)))
+        for c in [self._all, *self._kinds.values()]:
+            if c.n[0] > keep:
+                c.age(keep / c.n[0])
+        for d, acc, kind in since:
+            self._all.add(d, acc)
+            if kind is not None:
+                self._kinds[kind].add(d, acc)
+        self._all.curve = None
+        for c in self._kinds.values():
+            c.curve = None
+        self._up = self._down = 0.0
+        self._up_steps = self._down_steps = 0
+        self._recent.clear()
+        self._past.clear()
+        self.changes += 1
 
     def _fit_strength(self, most: float = MOST_STRENGTH) -> None:
         """Empirical Bayes: how much requests really differ. The spread of the

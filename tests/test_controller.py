@@ -210,6 +210,46 @@ def test_a_request_the_curve_does_not_describe_follows_its_own_evidence():
     np.testing.assert_allclose(own[1], fitted[1])
 
 
+def _geometric(rng, alpha, n, k=4):
+    """Accepted counts of n verifications of k drafts at a flat conditional acceptance alpha."""
+    return [int(np.argmin(np.append(rng.random(k) < alpha, False))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("batch", [1, 16, 64])
+def test_the_change_test_finds_a_new_load_and_the_curve_follows_it(batch):
+    """With change_h (off by default) the curves follow a change of load within a few steps. In 200 steps of
+    a steady load at 0.3 the test finds at most two changes past the first 20 steps (the prior's 0.6 to the
+    load is one; a false alarm may come with one back). Then a load at 0.9 at batch 8 is found within 6
+    steps, and the curve's first position is over 0.65 after 10 and over 0.1 above where aging alone (age_cap
+    2, the controller's) takes it without the test;
+    the finished requests of the old load no longer set the prior's strength."""
+    curves = {}
+    for h in (8.0, 0.0):
+        rng = np.random.default_rng(5)
+        est = AcceptanceEstimator(8, age_cap=2, frontier_only=True, change_h=h)
+        for step in range(200):
+            if step == 20:
+                warm = est.changes
+            ids = [1000 * (step // 10) + j for j in range(batch)]
+            est.observe(ids, [4] * batch, _geometric(rng, 0.3, batch))
+            if step % 10 == 9:
+                for i in ids:
+                    est.forget(i)
+        assert est.changes - warm <= 2 and abs(est.global_curve[0] - 0.3) < 0.1
+        seen, found = est.changes, None
+        for step in range(10):
+            est.observe(list(range(1, 9)), [4] * 8, _geometric(rng, 0.9, 8))
+            if est.changes > seen and found is None:
+                found = step
+                assert not est._past
+        curves[h] = est.global_curve[0]
+        if h:
+            assert found is not None and found < 6
+        else:
+            assert est.changes == 0
+    assert curves[8.0] > 0.65 and curves[0.0] < curves[8.0] - 0.1
+
+
 def test_acceptance_counts_follow_the_censored_updates():
     """Each verification of d drafts with a accepted: positions 0..a-1
     accepted, position a rejected when a < d, nothing seen beyond; seen
