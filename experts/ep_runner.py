@@ -133,7 +133,8 @@ class EPRunner:
             raise ValueError(f"control {control!r}: expected 'socket', 'actor' or 'compiled'")
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPES)}")
-        few_rows.set_small_rows(few_rows.SMALL_ROWS if few_row_linears is None else few_row_linears)
+        if few_row_linears is not None:
+            few_rows.set_small_rows(few_row_linears)
         self.checkpoint = read_checkpoint(path)
         self.config = c = self.checkpoint.config
         if c.moe is None:

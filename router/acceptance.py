@@ -78,6 +78,7 @@ class _Curve:
             if j < acc:
                 a[j] += 1.0
             n[j] += 1.0
+        self.curve = None
 
 
 class AcceptanceEstimator:
@@ -339,9 +340,6 @@ class AcceptanceEstimator:
             self._all.add(d, acc)
             if kind is not None:
                 self._kinds[kind].add(d, acc)
-        self._all.curve = None
-        for c in self._kinds.values():
-            c.curve = None
         self._up = self._down = 0.0
         self._up_steps = self._down_steps = 0
         self._recent.clear()
