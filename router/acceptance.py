@@ -21,15 +21,12 @@ deep where acceptance decays.
 
 Per request: Beta-Bernoulli with the global curve as prior of strength
 `prior_strength`, and a faster decay so a request whose text turns predictable
-(or stops being so) is followed within a few steps. Past the first position
-the prior may be the curve scaled by how the request compares with it one
-position shallower (`request_chain`, at most 1; off by default, no gain
-measured on the heterogeneous trace): in a load of copy-like and
-free-text requests the curve's deeper positions are the copy-like ones' (only
-they get that far), and a free-text request that had rejected its first draft
-three times still prices eight drafts at over 1.2 tokens, under half that
-with the scaling (tests/test_controller.py); not where requests accept alike (the prior at its
-strongest), where the difference is noise. Counts are plain Python
+(or stops being so) is followed within a few steps. Two refinements were
+measured and removed (docs/BENCHMARKS.md "Session 15"): scaling a request's
+deeper positions by how it compares with the curve one position shallower,
+and a base-strength prior for a request the curve does not describe.
+
+Counts are plain Python
 lists (k_max floats per request): a step reads and updates a few of them right
 after a forward pass, when numpy's per-call cost runs 2-4x its warm figure
 (an update and an estimate for one request took ~18 and ~30 us as arrays
@@ -84,25 +81,13 @@ class _Curve:
 class AcceptanceEstimator:
     def __init__(self, k_max: int, prior_mean: float = 0.6, prior_strength: float = 4.0,
                  global_decay: float = 0.99, request_decay: float = 0.95, chain_strength: float = 4.0,
-                 age_cap: int | None = None, frontier_only: bool = False, request_chain: bool = False,
-                 outlier_z: float = 0.0, change_h: float = 0.0, change_odds: float = 3.0):
+                 age_cap: int | None = None, frontier_only: bool = False, change_h: float = 0.0,
+                 change_odds: float = 3.0):
         """age_cap: a step's verifications age the global curves as at most this many would (None: all of
         them), so at a large batch the curves keep more than ~1 / (1 - global_decay) verifications' evidence
         (at batch 64 and 0.99 the curves aged by half every step). frontier_only: the exploration bonus
         (`rates(explore=)`) at the first position seen fewer than chain_strength times alone, not at every
-        position up to it. request_chain (off by default: no gain measured, docs/BENCHMARKS.md "Session
-        15"): a request's prior at a position past the first is the curve's there times how the request's
-        estimate at the position before compares with the curve's (at most 1), so a request that keeps
-        failing its first draft expects little deeper too; the curve's deeper
-        positions are set by the requests that got that far, which in a mixed load are the good ones. Not
-        where the requests' spread says they accept alike (the prior at its strongest): there what sets a
-        request apart from the curve is noise, and scaling every deeper position by it would compound.
-        outlier_z: a request whose own first-position counts lie more than this many standard deviations
-        from the curve's rate there is estimated over a prior of the base strength, not the fitted one, so
-        after a load where every request accepted alike (the prior at its strongest) a request that
-        accepts otherwise follows its own evidence (eight straight rejections at a curve of 0.55: under
-        0.35, not over 0.45). 0 (off) by default: at 2.5, 0.95x of without on dense-bench's hetero
-        trace and 1.00-1.01x on the other three (docs/BENCHMARKS.md "Session 15").
+        position up to it.
         change_h: the threshold of a change test on the load (0: off; see _watch): when the first-position
         outcomes of the steps since some step are more than e**change_h times likelier under odds change_odds
         times (or 1 / change_odds times) the curves' than under the curves', the curves keep as much of
@@ -114,8 +99,6 @@ class AcceptanceEstimator:
         self.global_decay, self.request_decay = global_decay, request_decay
         self.prior_mean, self.chain_strength, self.age_cap = prior_mean, chain_strength, age_cap
         self._frontier_only = bool(frontier_only)
-        self.request_chain = bool(request_chain)
-        self.outlier_z = outlier_z
         self._all = _Curve(k_max)               # every verification
         self._kinds: dict = {}                  # proposal kind -> _Curve of that kind's verifications
         self._req: dict[int, dict] = {}         # request id -> {kind: (decayed accepted, decayed observed)}
@@ -210,25 +193,13 @@ class AcceptanceEstimator:
 
     def rates(self, req_ids, explore: float = 0.0, kinds=None) -> list[list[float]]:
         """Per request, its conditional acceptance per position (lists; see estimate)."""
-        fitted, s0, z = self.strength, self.prior_strength, self.outlier_z
+        s, s0 = self.strength, self.prior_strength
         out = []
         for i, rid in enumerate(req_ids):
             kind = kinds[i] if kinds is not None else None
             c = self._curve(kind)
             a, n = self._counts(rid, kind)
-            s = fitted
-            if z and s > s0 and n[0] >= 4:        # a request the curve does not describe: its own evidence
-                p0 = c.curve[0]
-                if abs(a[0] - n[0] * p0) > z * math.sqrt(n[0] * p0 * (1.0 - p0)):
-                    s = s0
-            if self.request_chain and s < MOST_STRENGTH:     # not where requests accept alike (see _fit_strength)
-                row, ratio = [], 1.0
-                for x, m, p in zip(a, n, c.curve):
-                    r = (x + s * p * ratio) / (m + s)
-                    row.append(r)
-                    ratio = min(1.0, r / p) if p > 1e-9 else 1.0
-            else:
-                row = [(x + s * p) / (m + s) for x, m, p in zip(a, n, c.curve)]
+            row = [(x + s * p) / (m + s) for x, m, p in zip(a, n, c.curve)]
             if explore:
                 # The bonus reaches a request as through a prior of the base strength, whatever strength
                 # the requests' spread set: a strong prior would pass it to every request at once.

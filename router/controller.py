@@ -98,6 +98,10 @@ from .cost_model import CostModel
 from .expert_overlap import ExpertOverlap
 from .plan_search import first_draft_loss, greedy_plan
 
+# The acceptance estimator's settings where the controller's differ from its own: a step ages the curves as at
+# most 2 verifications would; the exploration bonus at the frontier position alone.
+ACCEPTANCE = {"age_cap": 2, "frontier_only": True}
+
 
 @dataclass
 class _ReqState:
@@ -124,14 +128,14 @@ class Controller:
                  replan_every: int = 16, reuse_every: int = 4, hedge: float = 1.0, profile: bool = True,
                  profile_budget_s: float = 3.0, learn_budget: float = 0.005, off_probe_every: int = 64,
                  off_probe_gain: float = 0.15, dither_every: int = 0, local_slope_strength: float | None = None,
-                 acceptance_age_cap: int | None = 2, explore_frontier_only: bool = True,
-                 goodput_by_batch: bool = True, goodput_decode_only: bool = True, draft_probe_every: int = 0,
+                 acceptance: dict | None = None, goodput_by_batch: bool = True, goodput_decode_only: bool = True, draft_probe_every: int = 0,
                  log=None):
         if k_max < 1:
             raise ValueError(f"controller k_max must be >= 1, got {k_max}")
         self.k_max, self.fallback_k, self.mape_bound = k_max, fallback_k, mape_bound
         self.margin, self.max_backoff, self.explore, self.hedge = margin, max_backoff, explore, hedge
-        self.acceptance = AcceptanceEstimator(k_max, age_cap=acceptance_age_cap, frontier_only=explore_frontier_only)
+        # acceptance: the estimator's settings over ACCEPTANCE (router/acceptance.py)
+        self.acceptance = AcceptanceEstimator(k_max, **{**ACCEPTANCE, **(acceptance or {})})
         self.goodput_by_batch, self.goodput_decode_only = goodput_by_batch, goodput_decode_only
         self.proposer = proposer
         model = getattr(runner, "model", None)
@@ -558,25 +562,6 @@ class Controller:
     def local_slope_strength(self, v: float) -> None:
         self.cost.local.slope_strength = v
 
-    @property
-    def acceptance_age_cap(self) -> int | None:
-        """The acceptance curves' aging cap per step (router/acceptance.py `age_cap`), here for a benchmark's A/B."""
-        return self.acceptance.age_cap
-
-    @acceptance_age_cap.setter
-    def acceptance_age_cap(self, v) -> None:
-        self.acceptance.age_cap = None if v is None else int(v)
-
-    @property
-    def explore_frontier_only(self) -> bool:
-        """The exploration bonus at the frontier position alone (router/acceptance.py `frontier_only`), here for a
-        benchmark's A/B."""
-        return self.acceptance.frontier_only
-
-    @explore_frontier_only.setter
-    def explore_frontier_only(self, v) -> None:
-        self.acceptance.frontier_only = bool(v)
-
     def stats(self) -> dict:
         return {
             "cost_model_mape": self.cost.mape,
@@ -592,6 +577,7 @@ class Controller:
             "controller_plans_kept": self.reused,
             "acceptance_curve": self.acceptance.global_curve.tolist(),
             "acceptance_by_kind": self.acceptance.kind_curves(),
+            "acceptance_changes": self.acceptance.changes,
             "distinct_experts_beta": self.cost.experts.beta,
             "goodput_tokens_per_s": self.goodput,
             "expert_reuse_planning": bool(self.overlap),

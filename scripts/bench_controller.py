@@ -33,7 +33,7 @@ for both kinds, where a per-request k need not.
 "auto[NAME=VALUE]": auto with those controller settings (attributes of
 router/controller.py's Controller, e.g. margin=0.03, explore=0.0,
 dither_every=8, or of its acceptance estimator as acceptance.NAME, e.g.
-acceptance.request_chain=1), in the same interleaved run as everything else, so a knob's
+acceptance.change_h=8), in the same interleaved run as everything else, so a knob's
 A/B shares the machine's drift; in grid cells its figures are a table of their
 own and JSON rows of that policy; in the traces (--trace) it is a row of the
 trace's table; with the real drafters (--real) a table of their own again.
@@ -96,7 +96,8 @@ def variant_settings(policy: str) -> dict:
 
 # Controller settings a variant may not change: sized or used at construction (k_max sizes the acceptance
 # estimator and the cost model; the profile runs in __init__; reuse_weight and log are consumed there).
-FIXED_AT_START = {"runner", "proposer", "k_max", "profile", "profile_budget_s", "reuse_weight", "log"}
+FIXED_AT_START = {"runner", "proposer", "k_max", "profile", "profile_budget_s", "reuse_weight", "log",
+                  "acceptance"}     # the estimator's settings are variants as acceptance.NAME
 
 
 def variant_knobs() -> set:

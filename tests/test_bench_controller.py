@@ -29,7 +29,7 @@ def test_variant_policies_parse_to_controller_settings():
     assert parse_args(["--auto-variant", "explore=0.0", "--auto-variant", "margin=0.03"]).auto_variant == [
         "explore=0.0", "margin=0.03"]
     # malformed, not a setting, fixed at construction (k_max sizes the estimator), given twice
-    assert parse_args(["--auto-variant", "acceptance.request_chain=1"]).auto_variant == ["acceptance.request_chain=1"]
+    assert parse_args(["--auto-variant", "acceptance.change_h=8"]).auto_variant == ["acceptance.change_h=8"]
     for bad in (["margin"], ["margin=fast"], ["marjin=0.1"], ["k_max=4"], ["margin=0.1", "margin=0.1"],
                 ["acceptance.k_max=4"], ["acceptance.margin=0.1"]):
         with pytest.raises(SystemExit):
@@ -47,12 +47,12 @@ def test_a_variant_engine_is_auto_with_its_settings(monkeypatch):
     real_profile = CostModel.profile
     monkeypatch.setattr(CostModel, "profile", lambda self, *a, **kw: profiles.append(self) or real_profile(
         self, *a, **kw))
-    eng = make_engine(runner, "auto[margin=0.05,local_slope_strength=0.5,acceptance.request_chain=1]", factory,
+    eng = make_engine(runner, "auto[margin=0.05,local_slope_strength=0.5,acceptance.change_h=8]", factory,
                       plain)
     monkeypatch.undo()
     assert not profiles                         # the variant ran no profile of its own
     assert (eng.controller.margin, eng.controller.local_slope_strength) == (0.05, 0.5)
-    assert eng.controller.acceptance.request_chain and not plain.controller.acceptance.request_chain
+    assert eng.controller.acceptance.change_h == 8 and not plain.controller.acceptance.change_h
     assert (plain.controller.margin, plain.controller.local_slope_strength) == (0.01, 4.0)
     assert eng.controller.cost.local.slope_strength == 0.5      # set on the cost model it prices with
     for e in (plain, eng):                      # a request of no speculation of its own is the controller's

@@ -10,7 +10,7 @@ import torch
 from specmoe import Engine, SamplingParams
 from specmoe.drafter import SyntheticProposer
 from specmoe.experts.runner import ModelRunner
-from specmoe.router.acceptance import MOST_STRENGTH, AcceptanceEstimator
+from specmoe.router.acceptance import AcceptanceEstimator
 from specmoe.router.controller import Controller
 from specmoe.router.cost_model import KNEES, CostModel, DistinctExperts, nnls
 from specmoe.router.params import SamplingParams as SP
@@ -140,74 +140,6 @@ def test_acceptance_prior_strength_follows_how_much_requests_differ(spread):
         assert first[0] < 0.3 and first[-1] > 0.8
     else:
         assert est.strength > 8 * est.prior_strength
-
-
-def test_a_request_that_fails_its_first_drafts_expects_little_deeper():
-    """Copy-like (0.9) and free-text (0.2) requests share the batches, eight
-    drafts each: the curve's deeper positions are the copy-like ones' (only
-    they get that far). With request_chain (off by default) a fresh free-text
-    request that rejected its first draft three times prices eight drafts at
-    under half what the curve's deeper positions alone would give, a copy-like
-    one as before; where every request accepts alike (the prior at its
-    strongest) nothing changes."""
-    rng = np.random.default_rng(7)
-
-    def verify(p):
-        a = 0
-        while a < 8 and rng.random() < p:
-            a += 1
-        return a
-
-    def load(est, rates):
-        for step in range(200):
-            ids = [1000 + 4 * (step // 32) + j for j in range(4)]
-            est.observe(ids, [8] * 4, [verify(p) for p in rates])
-            if step % 32 == 31:
-                for i in ids:
-                    est.forget(i)
-    est = AcceptanceEstimator(8, age_cap=2, frontier_only=True, request_chain=True)
-    load(est, [0.9, 0.2, 0.9, 0.2])
-    curve = est.global_curve
-    assert curve[0] < 0.6 and curve[2:].min() > 0.75 and est.strength < MOST_STRENGTH
-    for _ in range(3):
-        est.observe([1, 2], [8, 8], [0, 8])
-    chained = est.gains([1, 2])
-    est.request_chain = False
-    plain = est.gains([1, 2])
-    assert chained[0][8] < 0.5 * plain[0][8] and plain[0][8] > 1.2
-    assert chained[0][1] == pytest.approx(plain[0][1])             # the first position is the request's own
-    assert chained[1][8] == pytest.approx(plain[1][8], rel=0.02)
-    alike = AcceptanceEstimator(8, age_cap=2, frontier_only=True, request_chain=True)
-    load(alike, [0.6] * 4)
-    assert alike.strength == MOST_STRENGTH
-    live = [1000 + 4 * 6 + j for j in range(4)]
-    chained = alike.gains(live)
-    alike.request_chain = False
-    assert alike.gains(live) == chained
-
-
-def test_a_request_the_curve_does_not_describe_follows_its_own_evidence():
-    """After a load where every request accepted alike at 0.55 (the prior at
-    its strongest), with outlier_z (off by default) a new request rejecting its
-    first draft eight times in a row is estimated over the base-strength prior:
-    under 0.35 at position 0, where the fitted prior alone keeps it near the
-    curve; a request accepting as the curve does keeps the fitted prior."""
-    rng = np.random.default_rng(3)
-    est = AcceptanceEstimator(4, outlier_z=2.5)
-    for step in range(300):
-        ids = [100 + 4 * (step // 20) + j for j in range(4)]
-        est.observe(ids, [4] * 4, [int(np.argmin(np.append(rng.random(4) < 0.55, False))) for _ in ids])
-        if step % 20 == 19:
-            for i in ids:
-                est.forget(i)
-    assert est.strength == MOST_STRENGTH and 0.5 < est.global_curve[0] < 0.6
-    for _ in range(8):
-        est.observe([1, 2], [4, 4], [0, int(rng.random() < 0.55)])
-    own = est.estimate([1, 2])
-    est.outlier_z = 0.0
-    fitted = est.estimate([1, 2])
-    assert own[0, 0] < 0.35 and fitted[0, 0] > 0.45
-    np.testing.assert_allclose(own[1], fitted[1])
 
 
 def _geometric(rng, alpha, n, k=4):
@@ -807,6 +739,29 @@ def test_auto_is_lossless_with_a_synthetic_drafter(runner, plain, alpha):
         # The curve is a posterior over a prior of 0.6 (4 pseudo-verifications): how far below it falls
         # depends on how many drafts the plans (timed on this machine) verified, 0.06-0.10 in practice.
         assert eng.telemetry.accepted_tokens == 0 and eng.telemetry.draft_tokens > 0 and curve[0] < 0.6 / 4
+
+
+@pytest.mark.parametrize("change_h", [0.0, 8.0])
+def test_the_controller_passes_its_acceptance_settings_and_reports_the_changes_found(runner, plain, change_h):
+    """Controller(acceptance=) sets the estimator's settings over the controller's own (age_cap 2, the
+    bonus at the frontier alone); with the change test on, a drafter that turns from always right to always
+    wrong between two generate calls is a change of load `stats` counts, and the output stays the plain one."""
+    conts = {tuple(p): o for p, o in zip(PROMPTS, plain)}
+    prop = SyntheticProposer(conts, 1.0, vocab_size=V, seed=1)
+    eng = Engine(runner, proposer=prop, speculation={"k": 8, "auto": True})
+    cost = eng.controller.cost
+    eng.controller = Controller(runner, prop, k_max=8, profile=False, acceptance={"change_h": change_h})
+    eng.controller.cost = cost
+    est = eng.controller.acceptance
+    assert (est.change_h, est.age_cap, est.frontier_only) == (change_h, 2, True)
+    params = SamplingParams(max_tokens=48, ignore_eos=True)
+    assert [o.token_ids for o in eng.generate(PROMPTS, params)] == plain
+    assert eng.stats()["acceptance_changes"] == 0 and eng.stats()["acceptance_curve"][0] > 0.9
+    prop.set_alpha(0.0)
+    assert [o.token_ids for o in eng.generate(PROMPTS, params)] == plain
+    assert eng.telemetry.draft_tokens > eng.telemetry.accepted_tokens
+    assert eng.stats()["acceptance_changes"] == est.changes
+    assert (est.changes > 0) == bool(change_h)
 
 
 def test_auto_skips_the_drafter_when_nothing_should_draft(tmp_path):
