@@ -128,8 +128,8 @@ class Controller:
                  replan_every: int = 16, reuse_every: int = 4, hedge: float = 1.0, profile: bool = True,
                  profile_budget_s: float = 3.0, learn_budget: float = 0.005, off_probe_every: int = 64,
                  off_probe_gain: float = 0.15, dither_every: int = 0, local_slope_strength: float | None = None,
-                 acceptance: dict | None = None, goodput_by_batch: bool = True, goodput_decode_only: bool = True, draft_probe_every: int = 0,
-                 log=None):
+                 acceptance: dict | None = None, goodput_by_batch: bool = True, goodput_decode_only: bool = True,
+                 draft_probe_every: int = 0, log=None):
         if k_max < 1:
             raise ValueError(f"controller k_max must be >= 1, got {k_max}")
         self.k_max, self.fallback_k, self.mape_bound = k_max, fallback_k, mape_bound
