@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--k", type=int, default=None, help="draft tokens per step")
     g.add_argument("--draft-model", help="draft checkpoint for --speculation draft_model")
     g.add_argument("--layers", type=int, default=1, help="first layers used by --speculation layer_skip")
-    g.add_argument("--few-row-linears", type=int, default=3, metavar="ROWS", help=FEW_ROWS_HELP)
+    g.add_argument("--few-row-linears", type=int, metavar="ROWS", help=FEW_ROWS_HELP + " (default 3)")
 
     st = sub.add_parser("stats", help="the server's monitoring snapshot (JSON)")
     _add_target(st)

@@ -98,7 +98,7 @@ class Engine:
     def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu", dtype: str = "float32",
                         max_batch: int = 8, max_seq_len: int = 2048, speculation=None, ep: int = 1,
                         ray_address: str | None = None, ep_options: dict | None = None,
-                        few_row_linears: int = few_rows.DEFAULT_ROWS, **kwargs) -> "Engine":
+                        few_row_linears: int | None = few_rows.DEFAULT_ROWS, **kwargs) -> "Engine":
         """Load a local Hugging Face checkpoint directory (see experts.checkpoint);
         without a path, the bundled tiny MoE. speculation: "off", "auto", or e.g.
         {"method": "ngram", "k": 4}. ep > 1 (or a ray_address) runs the model
@@ -107,12 +107,14 @@ class Engine:
         few_row_linears: on CPU in float32, a dense weight times at most this many
         rows goes through a transposed copy of it (faster, twice the dense
         weights' memory; kernels/linear.py); 0 makes no copies. It is set in
-        every process that runs a forward (this one, each EP worker)."""
+        every process that runs a forward (this one, each EP worker); None keeps
+        this process's setting."""
         if path is None:
             path = bundled_model("tiny-moe")
         if not isinstance(ep, int) or ep < 1:
             raise ValueError(f"ep must be an integer >= 1, got {ep!r}")
-        few_rows.check_rows(few_row_linears)
+        if few_row_linears is not None:
+            few_rows.check_rows(few_row_linears)
         if ep > 1 or ray_address is not None:
             from ..experts.ep_runner import EPRunner
             runner = EPRunner.from_pretrained(path, ep=ep, ray_address=ray_address, device=device, dtype=dtype,
