@@ -17,8 +17,9 @@ import sys
 import time
 
 
-FEW_ROWS_HELP = ("CPU float32: rows up to which dense weights go through a transposed copy (faster decode, "
-                 "twice their memory); 0: no copies")
+FEW_ROWS_HELP = ("CPU float32: rows up to which dense weights go through prepared copies (transposed for 1 row, "
+                 "oneDNN-packed for more: faster decode and verification, up to three times their memory); "
+                 "1: transposed copies only; 0: no copies")
 
 
 def _generate(a: argparse.Namespace) -> int:

@@ -45,7 +45,7 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_tokens_per_step: int = 4096  # per-step token budget (longer prompts are prefilled in parts)
     speculation: str | dict = "auto"  # "auto", "off" or a dict of router.params.SpeculationConfig fields
     ep: int = 1                     # expert-parallel degree (Ray workers); 1: the model runs in the router
-    few_row_linears: int = DEFAULT_ROWS  # CPU float32: rows up to which dense weights use a transposed copy
+    few_row_linears: int = DEFAULT_ROWS  # CPU float32: rows up to which dense weights use a prepared copy
                                          # (faster decode, 2x their memory; 0: no copies), in every process
 
     def __post_init__(self):

@@ -115,7 +115,7 @@ class EPRunner:
         shared-memory channels, whose idle readers spin); see
         docs/BENCHMARKS.md. comm: "torch" or "deepspeed" (the all-to-all
         through deepspeed.comm; optional extra, benchmark only). few_row_linears
-        (kernels/linear.py; 0: no transposed copies) is set in every worker's
+        (kernels/linear.py; 0: no prepared copies) is set in every worker's
         process and in this one (where a draft model runs); None: this
         process's setting."""
         import ray

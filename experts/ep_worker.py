@@ -168,7 +168,7 @@ class EPWorker:
         return self.rank
 
     def linear_copies(self) -> dict:
-        """This process's few-row linear setting and the transposed copies it holds (kernels/linear.py)."""
+        """This process's few-row linear setting and the prepared copies it holds (kernels/linear.py)."""
         n, nbytes = few_rows.copies()
         return {"few_row_linears": few_rows.SMALL_ROWS, "copies": n, "bytes": nbytes}
 

@@ -99,7 +99,7 @@ class ModelRunner:
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype="float32", max_seqs: int = 8, max_seq_len: int = 2048,
                         few_row_linears: int | None = None):
-        """few_row_linears: rows up to which a dense weight goes through its transposed
+        """few_row_linears: rows up to which a dense weight goes through a prepared
         copy on CPU in float32 (kernels/linear.py; 0: no copies); it is set for
         this process, so it also holds for other models loaded in it. None (a
         draft model's load) leaves the process's setting as it is."""

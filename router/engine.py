@@ -105,8 +105,8 @@ class Engine:
         expert-parallel over `ep` Ray workers; ep=1 without Ray is the embedded mode.
         ep_options go to EPRunner (placement_strategy, control="compiled", expert_load, ...).
         few_row_linears: on CPU in float32, a dense weight times at most this many
-        rows goes through a transposed copy of it (faster, twice the dense
-        weights' memory; kernels/linear.py); 0 makes no copies. It is set in
+        rows goes through a prepared copy of it (faster, up to three times the
+        dense weights' memory; kernels/linear.py); 0 makes no copies. It is set in
         every process that runs a forward (this one, each EP worker); None keeps
         this process's setting."""
         if path is None:

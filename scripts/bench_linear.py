@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""Few-row linears on CPU: F.linear against a transposed weight copy
-(kernels/linear.py), per weight shape and rows, and whole batch-1 target
-forwards with the copy on (SMALL_ROWS = 3) and off (0), interleaved.
+"""Few-row linears on CPU: F.linear against a transposed weight copy and a
+oneDNN-packed one (kernels/linear.py), per weight shape and rows, and whole
+batch-1 target forwards three ways, interleaved: no copies (SMALL_ROWS = 0),
+transposed copies for 1-3 rows only (SMALL_ROWS = 3, PACKED off: the setting
+before Session 18), and the default (transposed for one row, packed for more).
 
 Every figure is the fastest of --rounds rounds (each round times every
 variant in turn), one torch thread unless --threads says otherwise.
@@ -40,9 +42,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--shapes", default="8192x512,2048x512,512x1024,4096x256", help="weights OUTxIN")
-    ap.add_argument("--rows", default="1,2,3,4,8")
+    ap.add_argument("--rows", default="1,2,3,4,5,8,16,64")
     ap.add_argument("--models", default="moe-bench,dense-bench,tiny-moe")
-    ap.add_argument("--q", default="1,2,3,4,5,9", help="tokens of the batch-1 forwards")
+    ap.add_argument("--q", default="1,2,3,4,5,9,17", help="tokens of the batch-1 forwards")
     ap.add_argument("--out", default=".cache", help="where the bench checkpoints are built or found")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -63,18 +65,23 @@ def main() -> None:
         n, k = (int(v) for v in shape.split("x"))
         w = torch.randn(n, k)
         wt = w.t().contiguous()
+        wp = torch.ops.mkldnn._reorder_linear_weight(w, None) if lin.PACKED else None
         cells = []
         for m in rows:
             x = torch.randn(m, k)
-            b = fastest({"linear": lambda: F.linear(x, w), "copy": lambda: torch.mm(x, wt)}, a.rounds, 10)
-            cells.append(f"{b['linear'] * 1e3:.2f} / {b['copy'] * 1e3:.2f}")
-        print(f"| {shape} (F.linear / transposed copy, ms) | " + " | ".join(cells) + " |")
+            fns = {"linear": lambda: F.linear(x, w), "copy": lambda: torch.mm(x, wt)}
+            if wp is not None:
+                fns["packed"] = lambda: torch.ops.mkldnn._linear_pointwise(x, wp, None, "none", [], "")
+            b = fastest(fns, a.rounds, 10)
+            cells.append(" / ".join(f"{b[v] * 1e3:.2f}" for v in fns))
+        print(f"| {shape} (F.linear / transposed / packed, ms) | " + " | ".join(cells) + " |")
 
     paths = {"moe-bench": lambda: build_checkpoint(Path(a.out) / "moe-bench", 0),
              "dense-bench": lambda: build_dense_checkpoint(Path(a.out) / "dense-bench", 0),
              "tiny-moe": lambda: bundled_model("tiny-moe")}
     qs = [int(v) for v in a.q.split(",")]
-    print("\nBatch-1 target forward after 40 cached tokens, ms (SMALL_ROWS 0 / 3), every token's logits:\n")
+    print("\nBatch-1 target forward after 40 cached tokens, ms (no copies / transposed for 1-3 rows / default) "
+          "and default over each, every token's logits:\n")
     print("| model | " + " | ".join(f"q={q}" for q in qs) + " |")
     print("|---|" + "---:|" * len(qs))
     for name in a.models.split(","):
@@ -84,17 +91,21 @@ def main() -> None:
         runner.run([Chunk(0, 0, torch.randint(0, V, (40,), generator=gen).tolist())])
         toks = {q: torch.randint(0, V, (q,), generator=gen).tolist() for q in qs}
 
-        def step(q, small):
-            lin.SMALL_ROWS = small
+        default, packed = lin.SMALL_ROWS, lin.PACKED
+        ways = {"off": (0, False), "transposed": (3, False), "default": (lin.DEFAULT_ROWS, packed)}
+
+        def step(q, way):
+            lin.SMALL_ROWS, lin.PACKED = ways[way]
             runner.run([Chunk(0, 40, toks[q])], num_logits=[q], full=[False])
-        default = lin.SMALL_ROWS
         try:
-            fns = {(q, s): (lambda q=q, s=s: step(q, s)) for q in qs for s in (0, 3)}
+            fns = {(q, w): (lambda q=q, w=w: step(q, w)) for q in qs for w in ways}
             b = fastest(fns, a.rounds, 1)
         finally:
-            lin.SMALL_ROWS = default
-        print(f"| {name} | " + " | ".join(f"{b[(q, 0)] * 1e3:.2f} / {b[(q, 3)] * 1e3:.2f} "
-                                          f"({b[(q, 3)] / b[(q, 0)]:.2f}x)" for q in qs) + " |")
+            lin.SMALL_ROWS, lin.PACKED = default, packed
+        print(f"| {name} | " + " | ".join(
+            " / ".join(f"{b[(q, w)] * 1e3:.2f}" for w in ways)
+            + f" ({b[(q, 'default')] / b[(q, 'off')]:.2f}x, {b[(q, 'default')] / b[(q, 'transposed')]:.2f}x)"
+            for q in qs) + " |")
 
 
 if __name__ == "__main__":

@@ -52,8 +52,11 @@ def main() -> None:
     ap.add_argument("--min-confidence", type=float, default=0.4)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--small-rows", type=int, default=None,
-                    help="specmoe's few_row_linears (kernels/linear.py; 0: plain F.linear; default 3), "
-                         "for an A/B of it")
+                    help="specmoe's few_row_linears (kernels/linear.py; 0: plain F.linear; default "
+                         "kernels.linear.DEFAULT_ROWS), for an A/B of it")
+    ap.add_argument("--onednn", choices=("on", "off"), default="on",
+                    help="off: no oneDNN-packed copies, 2-3 rows take the transposed copy and more rows F.linear "
+                         "(kernels.linear.PACKED = False; as before Session 18), for an A/B of it")
     a = ap.parse_args()
     if a.threads is not None:
         torch.set_num_threads(a.threads)
@@ -78,6 +81,10 @@ def main() -> None:
     acc = HFAcceptance()
     cap = 1024
     few = {} if a.small_rows is None else {"few_row_linears": a.small_rows}
+    if a.onednn == "off":
+        from specmoe.kernels import linear as few_rows
+        few_rows.PACKED = False
+    print(f"few_row_linears {'default' if a.small_rows is None else a.small_rows}, oneDNN-packed copies {a.onednn}")
     engines = {"draft_model": Engine.from_pretrained(a.target, max_batch=1, max_seq_len=cap, **few, speculation={
                    "method": "draft_model", "k": a.k, "draft_model": a.draft}),
                "draft_model conf": Engine.from_pretrained(a.target, max_batch=1, max_seq_len=cap, **few, speculation={

@@ -151,37 +151,61 @@ def test_llama3_frequencies_match_transformers():
 
 
 def test_few_row_linear_is_f_linear_through_a_copy_that_follows_the_weight(monkeypatch):
-    """kernels/linear.py: up to SMALL_ROWS rows go through w's transposed copy
-    (made once, remade after w changes in place, dropped with w); the result is
-    F.linear's within float32 rounding, with and without a bias; more rows, a
-    view of a stacked weight (a routed expert), or SMALL_ROWS = 0 take F.linear
-    and make no copy."""
+    """kernels/linear.py: up to SMALL_ROWS rows go through a prepared copy of w,
+    one row its transposed copy and more rows its oneDNN-packed one (made once,
+    remade after w changes in place, dropped with w); the result is F.linear's
+    within float32 rounding, with and without a bias; more rows, a view of a
+    stacked weight (a routed expert), or SMALL_ROWS = 0 take F.linear and make
+    no copy."""
+    monkeypatch.setattr(few_rows, "SMALL_ROWS", 8)
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 64, generator=g)
     b = torch.randn(300, generator=g)
-    for m in range(1, 6):
+    for m in (1, 2, 3, 5, 8, 9):
         x = torch.randn(m, 64, generator=g)
+        xs = torch.randn(m, 128, generator=g)[:, ::2]                     # a strided input too
         for bias in (None, b):
-            torch.testing.assert_close(few_rows.linear(x, w, bias), torch.nn.functional.linear(x, w, bias),
-                                       rtol=1e-5, atol=1e-5)
-    copy = few_rows._copies[id(w)][2]
+            for inp in (x, xs):
+                torch.testing.assert_close(few_rows.linear(inp, w, bias), torch.nn.functional.linear(inp, w, bias),
+                                           rtol=1e-5, atol=1e-5)
+    kinds = {kind for key, kind in few_rows._copies if key == id(w)}
+    assert kinds == ({"t", "packed"} if few_rows.PACKED else {"t"})
+    copy = few_rows._copies[(id(w), "t")][2]
     assert copy.shape == (64, 300) and few_rows.transposed(w) is copy      # one copy, reused
     x = torch.randn(2, 64, generator=g)
-    w.mul_(2.0)                                                          # an in-place change: a new copy
+    w.mul_(2.0)                                                          # an in-place change: new copies
     torch.testing.assert_close(few_rows.linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-5)
-    assert few_rows._copies[id(w)][2] is not copy
+    torch.testing.assert_close(few_rows.linear(x[:1], w), x[:1] @ w.t(), rtol=1e-5, atol=1e-5)
+    assert few_rows._copies[(id(w), "t")][2] is not copy
     key = id(w)
     del w, copy
-    assert key not in few_rows._copies                                   # dropped with the weight
+    assert not {k for k, _ in few_rows._copies} & {key}                  # both dropped with the weight
     stack = torch.randn(4, 300, 64, generator=g)
     before = set(few_rows._copies)
     torch.testing.assert_close(few_rows.linear(x, stack[1]), x @ stack[1].t(), rtol=1e-5, atol=1e-5)
     assert set(few_rows._copies) <= before                               # a view: no copy
     w2 = torch.randn(300, 64, generator=g)
-    few_rows.linear(torch.randn(4, 64, generator=g), w2)
+    few_rows.linear(torch.randn(9, 64, generator=g), w2)                 # past SMALL_ROWS: F.linear
     monkeypatch.setattr(few_rows, "SMALL_ROWS", 0)
     few_rows.linear(x, w2)
-    assert id(w2) not in few_rows._copies
+    few_rows.linear(x[:1], w2)
+    assert id(w2) not in {k for k, _ in few_rows._copies}
+
+
+def test_without_onednn_two_and_three_rows_take_the_transposed_copy_and_more_f_linear(monkeypatch):
+    """Where torch has no oneDNN (PACKED False) the packed copy is never made:
+    1-3 rows (MV_ROWS) go through the transposed copy, more rows F.linear."""
+    monkeypatch.setattr(few_rows, "SMALL_ROWS", 16)
+    monkeypatch.setattr(few_rows, "PACKED", False)
+    g = torch.Generator().manual_seed(2)
+    w, w4 = torch.randn(120, 40, generator=g), torch.randn(120, 40, generator=g)
+    for m in (2, few_rows.MV_ROWS):
+        x = torch.randn(m, 40, generator=g)
+        torch.testing.assert_close(few_rows.linear(x, w), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+    x = torch.randn(few_rows.MV_ROWS + 1, 40, generator=g)
+    torch.testing.assert_close(few_rows.linear(x, w4), torch.nn.functional.linear(x, w4), rtol=1e-5, atol=1e-5)
+    kinds = {(k, kind) for k, kind in few_rows._copies if k in (id(w), id(w4))}
+    assert kinds == {(id(w), "t")}
 
 
 @pytest.mark.parametrize("bad", [-1, 2.5, "3", True, None])
@@ -190,18 +214,22 @@ def test_few_row_linears_refuses_what_is_not_a_row_count_naming_it(bad, monkeypa
     monkeypatch.setattr(few_rows, "SMALL_ROWS", before)                      # restored after the test
     with pytest.raises(ValueError, match=r"few_row_linears must be an integer >= 0 .*got"):
         few_rows.set_small_rows(bad)
-    assert few_rows.SMALL_ROWS == before and few_rows.DEFAULT_ROWS == 3      # unchanged; the default
+    assert few_rows.SMALL_ROWS == before                                     # unchanged
 
 
 def test_few_row_linears_sets_the_row_count_and_0_drops_every_copy(monkeypatch):
-    """set_small_rows(n): up to n rows take the copy; 0 drops the copies made so
-    far (their memory) and makes no new one."""
+    """set_small_rows(n): up to n rows take a copy; 1 drops the packed copies
+    (only one row can take a copy), 0 every copy made so far (their memory), and
+    no new one is made."""
     monkeypatch.setattr(few_rows, "SMALL_ROWS", few_rows.SMALL_ROWS)
     g = torch.Generator().manual_seed(1)
     w = torch.randn(200, 32, generator=g)
     few_rows.set_small_rows(5)
     few_rows.linear(torch.randn(5, 32, generator=g), w)
-    assert id(w) in few_rows._copies and few_rows.copies()[1] >= w.numel() * 4
+    few_rows.linear(torch.randn(1, 32, generator=g), w)
+    assert (id(w), "t") in few_rows._copies and few_rows.copies()[1] >= w.numel() * 4
+    few_rows.set_small_rows(1)
+    assert {kind for k, kind in few_rows._copies if k == id(w)} == {"t"}
     few_rows.set_small_rows(0)
     assert few_rows.copies() == (0, 0)
     x = torch.randn(1, 32, generator=g)

@@ -6,13 +6,14 @@ import pytest
 
 from specmoe.cluster.cli import main
 from specmoe.cluster.config import ConfigError, ServeConfig, load_config
+from specmoe.kernels.linear import DEFAULT_ROWS
 
 
 def test_defaults_bind_loopback_and_speculate_auto():
     cfg = load_config()
     assert cfg.server.host == "127.0.0.1" and cfg.server.token is None and cfg.server.tls_cert is None
     assert cfg.engine.model is None and cfg.engine.speculation == "auto" and cfg.engine.ep == 1
-    assert cfg.engine.few_row_linears == 3
+    assert cfg.engine.few_row_linears == DEFAULT_ROWS
     with pytest.raises(AttributeError):
         cfg.server.port = 1   # frozen
 
@@ -132,7 +133,7 @@ def test_engine_few_row_linears_decides_whether_decode_makes_transposed_copies(r
     out = eng.generate([[1, 2, 3, 4, 5]], SamplingParams(max_tokens=4, ignore_eos=True))[0]
     assert len(out.token_ids) == 4 and few_rows.SMALL_ROWS == rows
     weights = {id(p) for p in eng.runner.model.parameters()}
-    copied = weights & set(few_rows._copies)
+    copied = weights & {k for k, _ in few_rows._copies}
     if rows == 0:
         assert few_rows.copies() == (0, 0)
     else:
