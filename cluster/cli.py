@@ -18,7 +18,8 @@ import time
 
 
 FEW_ROWS_HELP = ("CPU float32: rows up to which dense weights go through prepared copies (transposed for 1 row, "
-                 "oneDNN-packed for more: faster decode and verification, up to three times their memory); "
+                 "oneDNN-packed for more, as are routed experts given 2 rows or more: faster decode and "
+                 "verification, up to three times the dense weights' memory, twice the experts'); "
                  "1: transposed copies only; 0: no copies")
 
 

@@ -14,9 +14,13 @@ So on CPU, in float32, a weight multiplied by at most `SMALL_ROWS` rows goes
 through the copy for its row count, made on first use and again whenever the
 weight changed (in place, as a checkpoint load does, or replaced). The copies
 cost memory: the dense weights that take this path (attention, dense MLPs,
-shared experts, the LM head) are held up to three times; views (the routed
-experts, sliced per expert) never take it. Where this torch build has no
-oneDNN, 2-3 rows take the transposed copy and more rows F.linear.
+shared experts, the LM head) are held up to three times. A routed expert, a
+slice of its layer's stacked weights, goes through `expert_linear`: from two
+rows on a packed copy of that expert alone (the MoE layer of moe-bench ran a
+verification step in 0.65-0.73x the time), so every expert that has seen two
+rows is held twice; one row takes F.linear. Where this torch build has no
+oneDNN, 2-3 rows of a dense weight take the transposed copy and more rows
+F.linear, as do the experts.
 
 `SMALL_ROWS` is a setting of the process, set with `set_small_rows` from the
 engine option `few_row_linears` where forwards run (ModelRunner.from_pretrained;
@@ -36,7 +40,7 @@ MV_ROWS = 3             # without oneDNN, rows up to which the transposed copy b
 PACKED = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") \
     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")     # oneDNN's linear is in this build
 
-_copies: dict[tuple[int, str], tuple] = {}  # (id(w), "t" | "packed") -> (weakref to w, w's version, copy)
+_copies: dict[tuple, tuple] = {}   # (id(w), "t" | "packed" | expert index) -> (weakref to w, w's version, copy)
 
 
 def check_rows(rows, name: str = "few_row_linears") -> int:
@@ -52,7 +56,7 @@ def set_small_rows(rows: int) -> None:
     global SMALL_ROWS
     SMALL_ROWS = check_rows(rows)
     if SMALL_ROWS < 2:
-        for key in [key for key in list(_copies) if SMALL_ROWS == 0 or key[1] == "packed"]:
+        for key in [key for key in list(_copies) if SMALL_ROWS == 0 or key[1] != "t"]:
             _copies.pop(key, None)
 
 
@@ -62,13 +66,17 @@ def copies() -> tuple[int, int]:
     return len(held), sum(t.numel() * t.element_size() for t in held)
 
 
-def prepared(w: torch.Tensor, kind: str = "t") -> torch.Tensor:
-    """w.t().contiguous() ("t") or w in oneDNN's layout ("packed"), kept while w lives and is unchanged."""
+def prepared(w: torch.Tensor, kind: str | int = "t") -> torch.Tensor:
+    """w.t().contiguous() ("t"), w in oneDNN's layout ("packed") or w[kind] in it (an expert of a
+    stacked weight), kept while w lives and is unchanged."""
     key = (id(w), kind)
     hit = _copies.get(key)
     if hit is not None and hit[0]() is w and hit[1] == w._version:
         return hit[2]
-    made = w.detach().t().contiguous() if kind == "t" else torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+    if kind == "t":
+        made = w.detach().t().contiguous()
+    else:
+        made = torch.ops.mkldnn._reorder_linear_weight(w.detach() if kind == "packed" else w.detach()[kind], None)
     _copies[key] = (weakref.ref(w, lambda _, key=key: _copies.pop(key, None)), w._version, made)
     return made
 
@@ -89,3 +97,12 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
             wt = prepared(w, "t")
             return torch.mm(x, wt) if b is None else torch.addmm(b, x, wt)
     return F.linear(x, w, b)
+
+
+def expert_linear(x: torch.Tensor, stack: torch.Tensor, e: int) -> torch.Tensor:
+    """F.linear(x, stack[e]) for x (T, in), stack (E, out, in); from two rows up to SMALL_ROWS on CPU
+    through a oneDNN-packed copy of expert e alone."""
+    if 1 < x.shape[0] <= SMALL_ROWS and PACKED and x.dim() == 2 and x.device.type == "cpu" \
+            and x.dtype == torch.float32 and stack._base is None and not stack.is_inference():
+        return torch.ops.mkldnn._linear_pointwise(x, prepared(stack, e), None, "none", [], "")
+    return F.linear(x, stack[e])

@@ -11,7 +11,7 @@ forward; no capacity factor, no dropped rows.
 import torch
 import torch.nn.functional as F
 
-from .linear import linear
+from .linear import expert_linear, linear
 
 
 def sort_by_expert(ids: torch.Tensor, num_experts: int):
@@ -32,9 +32,9 @@ def grouped_swiglu(x: torch.Tensor, counts: list[int], w_gate_up: torch.Tensor,
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        h = F.linear(x[start:start + n], w_gate_up[e])
+        h = expert_linear(x[start:start + n], w_gate_up, e)
         g, u = h.chunk(2, dim=-1)
-        out[start:start + n] = F.linear(F.silu(g) * u, w_down[e])
+        out[start:start + n] = expert_linear(F.silu(g) * u, w_down, e)
         start += n
     return out
 

@@ -105,8 +105,10 @@ class Engine:
         expert-parallel over `ep` Ray workers; ep=1 without Ray is the embedded mode.
         ep_options go to EPRunner (placement_strategy, control="compiled", expert_load, ...).
         few_row_linears: on CPU in float32, a dense weight times at most this many
-        rows goes through a prepared copy of it (faster, up to three times the
-        dense weights' memory; kernels/linear.py); 0 makes no copies. It is set in
+        rows goes through a prepared copy of it, and a routed expert given two
+        rows or more through a packed copy of that expert (faster, up to three
+        times the dense weights' memory and twice the experts'; kernels/linear.py);
+        1 keeps only the one-row transposed copies, 0 makes no copies. It is set in
         every process that runs a forward (this one, each EP worker); None keeps
         this process's setting."""
         if path is None:

@@ -208,6 +208,47 @@ def test_without_onednn_two_and_three_rows_take_the_transposed_copy_and_more_f_l
     assert kinds == {(id(w), "t")}
 
 
+def test_routed_experts_with_two_rows_or_more_go_through_a_packed_copy_of_that_expert(monkeypatch):
+    """expert_linear in grouped_swiglu: an expert given 2..SMALL_ROWS rows runs on
+    a oneDNN-packed copy of its own weights (made once, remade after the stack
+    changes in place, dropped with it), one row or more than SMALL_ROWS on
+    F.linear; the output is the per-token reference's within float32 rounding."""
+    if not few_rows.PACKED:
+        pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setattr(few_rows, "SMALL_ROWS", 4)
+    g = torch.Generator().manual_seed(3)
+    E, D, Fw = 5, 48, 40
+    wgu, wd = torch.randn(E, 2 * Fw, D, generator=g) / 7, torch.randn(E, D, Fw, generator=g) / 7
+    counts = [1, 0, 3, 6, 2]                     # expert 0 one row, 1 none, 3 past SMALL_ROWS
+    x = torch.randn(sum(counts), D, generator=g)
+
+    def reference():
+        out, start = [], 0
+        for e, n in enumerate(counts):
+            gg, u = torch.nn.functional.linear(x[start:start + n], wgu[e]).chunk(2, dim=-1)
+            out.append(torch.nn.functional.linear(torch.nn.functional.silu(gg) * u, wd[e]))
+            start += n
+        return torch.cat(out)
+    torch.testing.assert_close(grouped_swiglu(x, counts, wgu, wd), reference(), rtol=1e-5, atol=1e-5)
+    made = {(k, kind) for k, kind in few_rows._copies if k in (id(wgu), id(wd))}
+    assert made == {(id(w), e) for w in (wgu, wd) for e in (2, 4)}
+    copy = few_rows._copies[(id(wgu), 2)][2]
+    grouped_swiglu(x, counts, wgu, wd)
+    assert few_rows._copies[(id(wgu), 2)][2] is copy                      # reused
+    wgu.mul_(-1.0)                                                        # an in-place change: remade
+    torch.testing.assert_close(grouped_swiglu(x, counts, wgu, wd), reference(), rtol=1e-5, atol=1e-5)
+    assert few_rows._copies[(id(wgu), 2)][2] is not copy
+    few_rows.set_small_rows(1)                                            # only one row can take a copy
+    assert not {k for k, _ in few_rows._copies} & {id(wgu), id(wd)}
+    torch.testing.assert_close(grouped_swiglu(x, counts, wgu, wd), reference(), rtol=1e-5, atol=1e-5)
+    assert not {k for k, _ in few_rows._copies} & {id(wgu), id(wd)}
+    few_rows.set_small_rows(4)
+    grouped_swiglu(x, counts, wgu, wd)
+    key = id(wd)
+    del wd, copy
+    assert key not in {k for k, _ in few_rows._copies}                    # dropped with the stack
+
+
 @pytest.mark.parametrize("bad", [-1, 2.5, "3", True, None])
 def test_few_row_linears_refuses_what_is_not_a_row_count_naming_it(bad, monkeypatch):
     before = few_rows.SMALL_ROWS
