@@ -8,16 +8,15 @@ VM, scripts/bench_linear.py, docs/BENCHMARKS.md "Session 18"):
   0.81 ms as F.linear against 0.42 ms, Session 15);
 - two rows and more: the weight reordered once into oneDNN's blocked layout
   and multiplied by oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, the
-  op torch's own compiler fuses CPU linears into), which ran 1.5-4x faster than
-  F.linear at 2-16 rows and 1.1-1.6x at 32-512.
+  op torch's own compiler fuses CPU linears into), which ran 1.2-4.6x faster than
+  F.linear at 2-64 rows.
 So on CPU, in float32, a weight multiplied by at most `SMALL_ROWS` rows goes
 through the copy for its row count, made on first use and again whenever the
 weight changed (in place, as a checkpoint load does, or replaced). The copies
 cost memory: the dense weights that take this path (attention, dense MLPs,
 shared experts, the LM head) are held up to three times. A routed expert, a
 slice of its layer's stacked weights, goes through `expert_linear`: from two
-rows on a packed copy of that expert alone (the MoE layer of moe-bench ran a
-verification step in 0.65-0.73x the time), so every expert that has seen two
+rows on a packed copy of that expert alone, so every expert that has seen two
 rows is held twice; one row takes F.linear. Where this torch build has no
 oneDNN, 2-3 rows of a dense weight take the transposed copy and more rows
 F.linear, as do the experts.
@@ -93,7 +92,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
             and w._base is None and not w.is_inference():     # an inference tensor keeps no version
         if rows > 1 and PACKED:
             return torch.ops.mkldnn._linear_pointwise(x, prepared(w, "packed"), b, "none", [], "")
-        if rows == 1 or rows <= MV_ROWS:
+        if rows <= MV_ROWS:
             wt = prepared(w, "t")
             return torch.mm(x, wt) if b is None else torch.addmm(b, x, wt)
     return F.linear(x, w, b)
