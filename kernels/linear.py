@@ -85,11 +85,17 @@ def transposed(w: torch.Tensor) -> torch.Tensor:
     return prepared(w, "t")
 
 
+def _copyable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """x (T, in) on CPU in float32, at most SMALL_ROWS rows, times a weight that owns its storage and
+    keeps a version (an inference tensor does not), so a copy of it can follow its changes."""
+    return x.shape[0] <= SMALL_ROWS and x.dim() == 2 and x.device.type == "cpu" and x.dtype == torch.float32 \
+        and w._base is None and not w.is_inference()
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, w, b) for x (T, in), w (out, in); through a prepared copy of w for up to SMALL_ROWS rows on CPU."""
     rows = x.shape[0]
-    if rows <= SMALL_ROWS and x.dim() == 2 and x.device.type == "cpu" and x.dtype == torch.float32 \
-            and w._base is None and not w.is_inference():     # an inference tensor keeps no version
+    if _copyable(x, w):
         if rows > 1 and PACKED:
             return torch.ops.mkldnn._linear_pointwise(x, prepared(w, "packed"), b, "none", [], "")
         if rows <= MV_ROWS:
@@ -101,7 +107,6 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
 def expert_linear(x: torch.Tensor, stack: torch.Tensor, e: int) -> torch.Tensor:
     """F.linear(x, stack[e]) for x (T, in), stack (E, out, in); from two rows up to SMALL_ROWS on CPU
     through a oneDNN-packed copy of expert e alone."""
-    if 1 < x.shape[0] <= SMALL_ROWS and PACKED and x.dim() == 2 and x.device.type == "cpu" \
-            and x.dtype == torch.float32 and stack._base is None and not stack.is_inference():
+    if x.shape[0] > 1 and PACKED and _copyable(x, stack):
         return torch.ops.mkldnn._linear_pointwise(x, prepared(stack, e), None, "none", [], "")
     return F.linear(x, stack[e])
